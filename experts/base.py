@@ -1,0 +1,265 @@
+"""The expert contract.
+
+An expert is a class with declarative attributes that are checked when the subclass is defined::
+
+    class DetectExpert(Expert):
+        name = "detect"
+        description = "Find objects matching a text query; returns boxes and an overlay."
+        Args = DetectArgs            # pydantic model: what a command may pass
+        Result = DetectResult        # subclass of ExpertResult: what comes back (JSON-serialisable)
+        examples = [Example(request="find the {object}", args={"image": "{image}", "query": "{object}"})]
+        queue = "detect"             # optional; defaults to the name
+        time_limit = 60.0            # optional; seconds per call
+
+        def setup(self): ...         # load models: once per process, on first use
+        def run(self, args, ctx): ...
+
+Construction is cheap; ``setup()`` runs lazily on the first call, so importing the registry or
+starting a Celery prefork parent never loads a model. Results carry artifact ids, never pixels.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import BaseModel, Field, ValidationError
+
+from orchestrator.errors import ExpertDefinitionError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from orchestrator.artifacts import ArtifactMeta, ArtifactStore
+    from orchestrator.settings import Settings
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+ARTIFACT_KEY = "x-artifact"
+# Slots that example templates may use; the training-data generator fills them.
+EXAMPLE_SLOTS = {
+    "image": "image-000000000000000000000000",
+    "object": "red circle",
+    "colour": "red",
+    "shape": "circle",
+    "prompt": "a red circle on a grey background",
+    "text": "hello",
+    "instruction": "make it blue",
+}
+
+
+def _artifact_ref(kind: str, description: str):
+    return Annotated[
+        str,
+        Field(
+            description=description,
+            json_schema_extra={ARTIFACT_KEY: kind},
+            min_length=1,
+            max_length=64,
+        ),
+    ]
+
+
+ImageRef = _artifact_ref("image", "An image artifact id, or $<call id> for the image another call made.")
+BoxesRef = _artifact_ref("boxes", "A boxes artifact id, or $<call id> for the boxes another call found.")
+MaskRef = _artifact_ref("mask", "A mask artifact id, or $<call id> for the mask another call made.")
+
+
+def artifact_fields(args_model: type[BaseModel]) -> dict[str, str]:
+    """Map of argument name -> artifact kind, for arguments that hold artifact ids or references."""
+    schema = args_model.model_json_schema()
+    out = {}
+    for fname, prop in schema.get("properties", {}).items():
+        for alt in [prop, *prop.get("anyOf", []), *prop.get("oneOf", [])]:
+            if ARTIFACT_KEY in alt:
+                out[fname] = str(alt[ARTIFACT_KEY])
+                break
+    return out
+
+
+class OutputArtifact(BaseModel):
+    """An artifact an expert made: its id, kind, and what it is (``role``: "overlay", "mask 1" …)."""
+
+    id: str
+    kind: str
+    role: str = ""
+
+
+class ExpertResult(BaseModel):
+    """Base of every expert result: a one-line summary for the conversation plus artifacts."""
+
+    summary: str
+    artifacts: list[OutputArtifact] = []
+
+
+class Example(BaseModel):
+    """A request template and the arguments it should produce; the seed of the core's training data.
+
+    Strings may contain ``{slot}`` placeholders (see EXAMPLE_SLOTS); ``{image}`` stands for the
+    attached image's artifact id.
+    """
+
+    request: str
+    args: dict[str, Any]
+
+    def fill(self, **slots: str) -> tuple[str, dict[str, Any]]:
+        values = {**EXAMPLE_SLOTS, **slots}
+
+        def sub(v: Any) -> Any:
+            return v.format(**values) if isinstance(v, str) else v
+
+        return sub(self.request), {k: sub(v) for k, v in self.args.items()}
+
+
+ProgressFn = Callable[[float, str], None]
+
+
+class RunContext:
+    """What an expert's ``run`` gets besides its arguments: the store, the call's identity, progress."""
+
+    def __init__(self, store: ArtifactStore, *, call_id: str = "c0", conversation_id: str | None = None,
+                 progress: ProgressFn | None = None, settings: Settings | None = None) -> None:
+        from orchestrator.settings import get_settings
+
+        self.store = store
+        self.call_id = call_id
+        self.conversation_id = conversation_id
+        self.settings = settings or get_settings()
+        self._progress = progress
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress in [0, 1]; forwarded as a stage event (and by workers to the orchestrator)."""
+        if self._progress is not None:
+            self._progress(max(0.0, min(1.0, float(fraction))), message)
+
+    def _tags(self) -> dict[str, Any]:
+        return {"call_id": self.call_id, "conversation_id": self.conversation_id}
+
+    def open_image(self, artifact_id: str, mode: str = "RGB") -> Image.Image:
+        return self.store.open_image(artifact_id, mode=mode)
+
+    def read_json(self, artifact_id: str) -> Any:
+        return self.store.read_json(artifact_id)
+
+    def save_image(self, image: Image.Image, kind: str = "image", role: str = "") -> OutputArtifact:
+        meta = self.store.put_image(image, kind=kind, **self._tags())
+        return OutputArtifact(id=meta.id, kind=meta.kind, role=role or kind)
+
+    def save_json(self, obj: Any, kind: str = "json", role: str = "") -> OutputArtifact:
+        meta = self.store.put_json(obj, kind=kind, **self._tags())
+        return OutputArtifact(id=meta.id, kind=meta.kind, role=role or kind)
+
+    def save_text(self, text: str, role: str = "text") -> OutputArtifact:
+        meta: ArtifactMeta = self.store.put_text(text, **self._tags())
+        return OutputArtifact(id=meta.id, kind=meta.kind, role=role)
+
+
+class Expert:
+    """Base class of every expert. Subclasses declare the class attributes below; see the module doc."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Args: ClassVar[type[BaseModel]]
+    Result: ClassVar[type[ExpertResult]]
+    examples: ClassVar[list[Example]] = []
+    queue: ClassVar[str | None] = None
+    time_limit: ClassVar[float | None] = None
+    abstract: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("abstract", False):
+            return
+        where = f"{cls.__module__}.{cls.__qualname__}"
+
+        def fail(msg: str) -> None:
+            raise ExpertDefinitionError(f"expert class {where}: {msg}")
+
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            fail(f"`name` must match {NAME_PATTERN.pattern} (lowercase, digits, _), got {name!r}")
+        desc = getattr(cls, "description", None)
+        if not isinstance(desc, str) or not desc.strip():
+            fail("`description` must be a non-empty string (the core reads it)")
+        args = getattr(cls, "Args", None)
+        if not (isinstance(args, type) and issubclass(args, BaseModel)):
+            fail("`Args` must be a pydantic BaseModel subclass")
+        if args.model_config.get("extra") != "forbid":
+            # Unknown arguments must be an error, not silently dropped.
+            args.model_config["extra"] = "forbid"
+            args.model_rebuild(force=True)
+        for fname in args.model_fields:
+            if fname in ("id", "expert") or not NAME_PATTERN.match(fname):
+                fail(f"argument name {fname!r} is reserved or not a plain lowercase identifier")
+        result = getattr(cls, "Result", None)
+        if not (isinstance(result, type) and issubclass(result, ExpertResult)):
+            fail("`Result` must be a subclass of experts.base.ExpertResult")
+        queue = cls.queue
+        if queue is not None and (not isinstance(queue, str) or not NAME_PATTERN.match(queue)):
+            fail(f"`queue` must be a plain lowercase identifier, got {queue!r}")
+        if cls.time_limit is not None and not (isinstance(cls.time_limit, int | float) and cls.time_limit > 0):
+            fail(f"`time_limit` must be a positive number of seconds, got {cls.time_limit!r}")
+        if not isinstance(cls.examples, list) or not all(isinstance(e, Example) for e in cls.examples):
+            fail("`examples` must be a list of experts.base.Example")
+        for i, ex in enumerate(cls.examples):
+            fields = {f for _, f, _, _ in string.Formatter().parse(ex.request) if f}
+            unknown = fields - EXAMPLE_SLOTS.keys()
+            if unknown:
+                fail(f"example {i} uses unknown slot(s) {sorted(unknown)}; slots: {sorted(EXAMPLE_SLOTS)}")
+            try:
+                _, filled = ex.fill()
+                args.model_validate(filled)
+            except (ValidationError, KeyError, IndexError, ValueError) as e:
+                fail(f"example {i} ({ex.request!r}) does not validate against Args: {e}")
+
+    # -- instances --------------------------------------------------------------------------------
+    def __init__(self) -> None:
+        self._setup_done = False
+        self._setup_lock = threading.Lock()
+
+    @classmethod
+    def queue_name(cls) -> str:
+        return cls.queue or cls.name
+
+    @classmethod
+    def args_schema(cls) -> dict[str, Any]:
+        return cls.Args.model_json_schema()
+
+    @property
+    def is_setup(self) -> bool:
+        return self._setup_done
+
+    def ensure_setup(self) -> None:
+        """Run ``setup()`` once per instance (thread-safe)."""
+        if self._setup_done:
+            return
+        with self._setup_lock:
+            if not self._setup_done:
+                self.setup()
+                self._setup_done = True
+
+    def setup(self) -> None:
+        """Load models. Called once, lazily, before the first ``run``. Override in subclasses."""
+
+    def teardown(self) -> None:
+        """Release models (used by memory budgets). The next call runs ``setup()`` again."""
+        self._setup_done = False
+
+    def run(self, args: Any, ctx: RunContext) -> ExpertResult:
+        """Run one validated call. Override in subclasses."""
+        raise NotImplementedError(f"expert {self.name} does not implement run()")
+
+    def run_batch(self, items: Sequence[tuple[Any, RunContext]]) -> list[ExpertResult]:
+        """Run several calls at once. The default runs them one by one; models override to batch."""
+        return [self.run(args, ctx) for args, ctx in items]
+
+    def __call__(self, args: Any, ctx: RunContext) -> ExpertResult:
+        self.ensure_setup()
+        if not isinstance(args, self.Args):
+            args = self.Args.model_validate(args)
+        result = self.run(args, ctx)
+        if not isinstance(result, self.Result):
+            raise TypeError(f"expert {self.name}.run returned {type(result).__name__}, not {self.Result.__name__}")
+        return result

@@ -1,0 +1,67 @@
+"""The crop expert: cut a region out of an image (0–1000 coordinates, or the boxes another call found)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+from experts.base import BoxesRef, Example, Expert, ExpertResult, ImageRef, RunContext
+
+
+class CropArgs(BaseModel):
+    image: ImageRef
+    region: list[int] | None = Field(
+        default=None, min_length=4, max_length=4,
+        description="[x1, y1, x2, y2] on a 0-1000 scale of the image's width and height.")
+    boxes: BoxesRef | None = Field(default=None, description="Crop each box another call found.")
+    margin: int = Field(default=0, ge=0, le=500, description="Extra border, 0-1000 scale.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CropArgs:
+        if (self.region is None) == (self.boxes is None):
+            raise ValueError("give exactly one of region or boxes")
+        if self.region is not None:
+            x1, y1, x2, y2 = self.region
+            if not (0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000):
+                raise ValueError("region must be x1 < x2 and y1 < y2 within 0-1000")
+        return self
+
+
+class CropResult(ExpertResult):
+    regions: list[list[int]] = Field(description="Pixel xyxy of each crop.")
+
+
+class CropExpert(Expert):
+    name = "crop"
+    description = "Cut a region out of an image, given 0-1000 coordinates or the boxes another call found."
+    Args = CropArgs
+    Result = CropResult
+    time_limit = 30.0
+    examples = [
+        Example(request="crop the top left quarter", args={"image": "{image}", "region": [0, 0, 500, 500]}),
+        Example(request="cut out the middle of the picture", args={"image": "{image}", "region": [250, 250, 750, 750]}),
+        Example(request="zoom in on the right half", args={"image": "{image}", "region": [500, 0, 1000, 1000]}),
+    ]
+
+    def run(self, args: CropArgs, ctx: RunContext) -> CropResult:
+        img = ctx.open_image(args.image)
+        w, h = img.size
+        if args.boxes is not None:
+            data = ctx.read_json(args.boxes)
+            pixel_boxes = [b["xyxy"] for b in data.get("boxes", [])]
+            if not pixel_boxes:
+                return CropResult(summary="nothing to crop: the boxes are empty", regions=[])
+        else:
+            x1, y1, x2, y2 = args.region or (0, 0, 1000, 1000)
+            pixel_boxes = [[x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000]]
+        mx, my = args.margin * w / 1000, args.margin * h / 1000
+        regions, artifacts = [], []
+        for i, (x1, y1, x2, y2) in enumerate(pixel_boxes):
+            box = [max(0, round(x1 - mx)), max(0, round(y1 - my)), min(w, round(x2 + mx)), min(h, round(y2 + my))]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            regions.append(box)
+            artifacts.append(ctx.save_image(img.crop(tuple(box)), kind="image", role=f"crop {i + 1}"))
+            ctx.progress((i + 1) / len(pixel_boxes), f"crop {i + 1}")
+        sizes = ", ".join(f"{b[2] - b[0]}x{b[3] - b[1]}" for b in regions)
+        return CropResult(summary=f"{len(regions)} crop(s) of {w}x{h} image: {sizes}", artifacts=artifacts,
+                          regions=regions)

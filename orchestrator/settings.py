@@ -1,0 +1,50 @@
+"""One place for configuration: environment variables prefixed ``SWITCHBOARD_`` and an optional ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Runtime settings. Every field can be set as ``SWITCHBOARD_<FIELD>`` (e.g. ``SWITCHBOARD_BROKER_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", env_file=".env", extra="ignore")
+
+    # Storage
+    artifact_dir: Path = Field(default=REPO_ROOT / "var" / "artifacts", description="Artifact store root.")
+    cache_dir: Path = Field(default=REPO_ROOT / ".cache", description="Converted weights, datasets, configs.")
+    models_dir: Path = Field(default=REPO_ROOT / "models", description="Shipped checkpoints.")
+
+    # Limits
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, description="Largest accepted encoded image.")
+    max_image_pixels: int = Field(default=40_000_000, description="Largest accepted width*height.")
+    call_timeout_s: float = Field(default=120.0, description="Default time limit of one expert call.")
+    max_calls_per_reply: int = Field(default=16, description="Calls beyond this in one reply are refused.")
+    max_parallel_calls: int = Field(default=4, description="In-process dispatcher worker threads.")
+
+    # Model paths ("real weights, same code")
+    detect_weights: Path | None = None
+    segment_weights: Path | None = None
+    segment_model_type: str | None = None
+    generate_model: Path | None = None
+    core_model: Path | None = None
+
+    # Distributed dispatch: unset means in-process.
+    broker_url: str | None = None
+    result_backend: str | None = None
+
+    # API
+    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys; empty = open.")
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests clear the cache with ``get_settings.cache_clear()``)."""
+    return Settings()
