@@ -273,6 +273,8 @@ def _describe_validation_error(e: ValidationError) -> list[tuple[str | None, str
             out.append((arg, "missing_argument", f"missing argument {arg!r}"))
         elif etype == "extra_forbidden":
             out.append((arg, "unknown_argument", f"unknown argument {arg!r}"))
+        elif not loc:  # a check across arguments (a model validator)
+            out.append((None, "bad_value", f"invalid arguments: {err.get('msg')}"))
         else:
             where = ".".join(str(x) for x in loc)
             out.append((arg, "bad_value", f"bad value for {where!r}: {err.get('msg')}"))

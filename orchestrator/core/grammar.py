@@ -1,0 +1,380 @@
+"""Grammar-constrained decoding of commands, derived from the registry.
+
+``CommandGrammar`` is a character-level automaton over a reply: free text, and ``<call …/>`` tags in
+the canonical form of prompts/commands.md. Inside a tag it allows only registered experts, their
+argument names (each once, required ones before ``/>``), values that fit the argument's type, and,
+for artifact arguments, only the artifact ids the conversation holds (of an accepted kind) or
+``$id`` references to earlier calls of the same reply. A reply that ends in free text is complete.
+
+What the grammar guarantees: well-formed tags, registered experts, their argument names (no
+repeats, required ones present), artifact values the conversation holds, and values of the right
+shape (a number parses as a number, a list as JSON). Rules about ranges, lengths or combinations of
+arguments stay with the validator, which reports them as clear ``bad_value`` errors: refusing them
+while decoding could leave the model with no way to finish the tag.
+
+``GrammarLogitsProcessor`` applies it to a transformers model: at each step the best-scoring token
+whose text keeps the reply viable wins; all other tokens are masked. Outside tags almost every token
+is viable, so the cost there is one check per step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from experts.base import artifact_fields
+from orchestrator.commands import ACCEPTS
+
+ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+NUMBER_CHARS = set("-+0123456789.eE")
+JSON_LIST_CHARS = set("[]0123456789,-. ")
+TEXT_FORBIDDEN = set('"<>')
+NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _json_prefix_ok(prefix: str) -> bool:
+    """Whether a prefix of numbers, commas and brackets can still become valid JSON."""
+    depth = 0
+    for ch in prefix:
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            return False
+    for middle in ("", "0"):
+        try:
+            json.loads(prefix + middle + "]" * depth)
+            return True
+        except (json.JSONDecodeError, RecursionError):
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """How one argument's value is constrained."""
+
+    name: str
+    required: bool
+    kind: str  # "artifact", "string", "number", "integer", "bool", "enum", "json"
+    artifact_kind: str | None = None
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    args: dict[str, ArgSpec]
+
+    @property
+    def required(self) -> frozenset[str]:
+        return frozenset(a.name for a in self.args.values() if a.required)
+
+
+def _arg_kind(prop: dict[str, Any], defs: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    if "$ref" in prop:
+        prop = defs.get(prop["$ref"].split("/")[-1], {})
+    alts = [a for a in (prop.get("anyOf") or prop.get("oneOf") or []) if a.get("type") != "null"]
+    if alts and len(alts) == 1:
+        return _arg_kind(alts[0], defs)
+    if alts:
+        kinds = {_arg_kind(a, defs)[0] for a in alts}
+        return ("string" if "string" in kinds else "json"), ()
+    if "enum" in prop:
+        return "enum", tuple(json.dumps(v) if not isinstance(v, str) else v for v in prop["enum"])
+    t = prop.get("type")
+    return {"string": "string", "number": "number", "integer": "integer", "boolean": "bool"}.get(t, "json"), ()
+
+
+def specs_from_registry(registry: Any) -> dict[str, ExpertSpec]:
+    """The grammar's view of the registry: each expert's arguments and how their values look."""
+    out = {}
+    for name in registry.names():
+        cls = registry.get_class(name)
+        schema = cls.Args.model_json_schema()
+        props, defs = schema.get("properties", {}), schema.get("$defs", {})
+        required = set(schema.get("required", []))
+        arts = artifact_fields(cls.Args)
+        args = {}
+        for arg, prop in props.items():
+            if arg in arts:
+                args[arg] = ArgSpec(arg, arg in required, "artifact", arts[arg])
+            else:
+                kind, choices = _arg_kind(prop, defs)
+                args[arg] = ArgSpec(arg, arg in required, kind, None, choices)
+        out[name] = ExpertSpec(name, args)
+    return out
+
+
+# Automaton states
+TEXT, LIT, ID, EXPERT, AFTER, NAME, VALUE, CLOSE = range(8)
+
+
+@dataclass
+class State:
+    """Where the automaton is. Copied (cheaply) to try a candidate token."""
+
+    mode: int = TEXT
+    lit: str = ""  # the literal still expected (mode LIT)
+    then: int = TEXT  # mode after the literal
+    buf: str = ""  # the id / expert / name / value being written
+    call_ids: tuple[str, ...] = ()
+    expert: str | None = None
+    used: tuple[str, ...] = ()
+    arg: str | None = None
+    calls: int = 0
+
+    def copy(self) -> State:
+        s = State.__new__(State)
+        s.__dict__.update(self.__dict__)
+        return s
+
+
+@dataclass
+class CommandGrammar:
+    """The language of valid replies for one registry and one conversation's artifacts."""
+
+    experts: dict[str, ExpertSpec]
+    artifacts: dict[str, str] = field(default_factory=dict)  # artifact id -> kind
+    max_calls: int = 16
+    allow_calls: bool = True
+
+    @classmethod
+    def from_registry(cls, registry: Any, artifacts: dict[str, str] | None = None, **kw: Any) -> CommandGrammar:
+        return cls(specs_from_registry(registry), dict(artifacts or {}), **kw)
+
+    def start(self) -> State:
+        return State()
+
+    # -- the automaton ------------------------------------------------------------------------------
+    def _values_for(self, spec: ArgSpec, state: State) -> Iterable[str]:
+        accepted = ACCEPTS.get(spec.artifact_kind or "", {spec.artifact_kind})
+        yield from (i for i, k in self.artifacts.items() if k in accepted)
+        yield from ("$" + c for c in state.call_ids[:-1])  # earlier calls of this reply
+
+    def _fillable(self, spec: ArgSpec, state: State) -> bool:
+        """Whether an argument can get any value at all (an artifact argument needs a candidate)."""
+        return spec.kind != "artifact" or next(iter(self._values_for(spec, state)), None) is not None
+
+    def _expert_ok(self, name: str, state: State) -> bool:
+        spec = self.experts[name]
+        return all(self._fillable(a, state) for a in spec.args.values() if a.required)
+
+    def _value_char_ok(self, spec: ArgSpec, state: State, ch: str) -> bool:
+        new = state.buf + ch
+        if spec.kind == "artifact":
+            return any(v.startswith(new) for v in self._values_for(spec, state))
+        if spec.kind == "enum":
+            return any(c.startswith(new) for c in spec.choices)
+        if spec.kind == "bool":
+            return "true".startswith(new) or "false".startswith(new)
+        if spec.kind == "number":
+            return ch in NUMBER_CHARS and (bool(NUMBER.fullmatch(new)) or bool(NUMBER.fullmatch(new + "0")))
+        if spec.kind == "integer":
+            return bool(INTEGER.fullmatch(new)) or new == "-"
+        if spec.kind == "json":
+            return ch in JSON_LIST_CHARS and _json_prefix_ok(new)
+        return ch not in TEXT_FORBIDDEN
+
+    def _value_complete(self, spec: ArgSpec, state: State, value: str) -> bool:
+        if spec.kind == "artifact":
+            return value in set(self._values_for(spec, state))
+        if spec.kind == "enum":
+            return value in spec.choices
+        if spec.kind == "bool":
+            return value in ("true", "false")
+        if spec.kind == "number":
+            return bool(NUMBER.fullmatch(value))
+        if spec.kind == "integer":
+            return bool(INTEGER.fullmatch(value))
+        if spec.kind == "json":
+            try:
+                json.loads(value)
+            except (json.JSONDecodeError, RecursionError):
+                return False
+        return True
+
+    def feed(self, state: State, text: str) -> bool:
+        """Advance ``state`` over ``text`` in place; False as soon as the reply stops being viable."""
+        for ch in text:
+            m = state.mode
+            if m == TEXT:
+                if ch == "<":
+                    if not self.allow_calls or state.calls >= self.max_calls:
+                        return False
+                    state.mode, state.lit, state.then = LIT, 'call id="', ID
+                    state.buf = ""
+                elif ch == ">":
+                    continue
+            elif m == LIT:
+                if ch != state.lit[0]:
+                    return False
+                state.lit = state.lit[1:]
+                if not state.lit:
+                    state.mode = state.then
+                    state.buf = ""
+            elif m == ID:
+                if ch == '"':
+                    if not state.buf or state.buf in state.call_ids:
+                        return False
+                    state.call_ids = state.call_ids + (state.buf,)
+                    state.mode, state.lit, state.then = LIT, ' expert="', EXPERT
+                elif ch in ID_CHARS and (state.buf or ch in LETTERS) and len(state.buf) < 32:
+                    state.buf += ch
+                else:
+                    return False
+            elif m == EXPERT:
+                if ch == '"':
+                    if state.buf not in self.experts or not self._expert_ok(state.buf, state):
+                        return False
+                    state.expert, state.used, state.mode = state.buf, (), AFTER
+                elif any(n.startswith(state.buf + ch) and self._expert_ok(n, state) for n in self.experts):
+                    state.buf += ch
+                else:
+                    return False
+            elif m == AFTER:
+                spec = self.experts[state.expert or ""]
+                if ch == " ":
+                    if not [a for a in spec.args.values() if a.name not in state.used and self._fillable(a, state)]:
+                        return False
+                    state.mode, state.buf = NAME, ""
+                elif ch == "/":
+                    if not spec.required <= set(state.used):
+                        return False
+                    state.mode = CLOSE
+                else:
+                    return False
+            elif m == CLOSE:
+                if ch != ">":
+                    return False
+                state.mode, state.expert, state.used, state.calls = TEXT, None, (), state.calls + 1
+            elif m == NAME:
+                spec = self.experts[state.expert or ""]
+                free = [a for a, sp in spec.args.items() if a not in state.used and self._fillable(sp, state)]
+                if ch == "=":
+                    if state.buf not in free:
+                        return False
+                    state.arg = state.buf
+                    state.mode, state.lit, state.then = LIT, '"', VALUE
+                elif any(a.startswith(state.buf + ch) for a in free):
+                    state.buf += ch
+                else:
+                    return False
+            elif m == VALUE:
+                spec = self.experts[state.expert or ""].args[state.arg or ""]
+                if ch == '"':
+                    if not state.buf and spec.kind != "string":
+                        return False
+                    if not self._value_complete(spec, state, state.buf):
+                        return False
+                    state.used = state.used + (spec.name,)
+                    state.mode, state.buf = AFTER, ""
+                elif self._value_char_ok(spec, state, ch) and len(state.buf) < 400:
+                    state.buf += ch
+                else:
+                    return False
+        return True
+
+    def viable(self, text: str) -> bool:
+        return self.feed(self.start(), text)
+
+    def can_end(self, state: State) -> bool:
+        return state.mode == TEXT
+
+    def complete(self, text: str) -> bool:
+        s = self.start()
+        return self.feed(s, text) and self.can_end(s)
+
+
+class GrammarLogitsProcessor:
+    """A transformers LogitsProcessor that keeps generation inside a CommandGrammar.
+
+    Greedy-friendly: per row it walks the candidates from the highest score down and keeps the
+    first ``keep`` viable tokens (``keep=1`` for greedy decoding), masking everything else.
+    """
+
+    def __init__(self, grammar: CommandGrammar, tokenizer: Any, prompt_length: int, *, keep: int = 1,
+                 max_candidates: int = 4096) -> None:
+        self.grammar = grammar
+        self.prompt_length = prompt_length
+        self.keep = keep
+        self.max_candidates = max_candidates
+        self.eos_ids = set(_eos_ids(tokenizer))
+        self.token_text = token_texts(tokenizer)
+        self.states: list[State] = []
+        self.seen: list[int] = []
+
+    def _advance(self, row: int, ids: list[int]) -> None:
+        while len(self.states) <= row:
+            self.states.append(self.grammar.start())
+            self.seen.append(0)
+        new = ids[self.prompt_length + self.seen[row]:]
+        for tid in new:
+            if tid not in self.eos_ids:
+                self.grammar.feed(self.states[row], self.token_text[tid])
+        self.seen[row] += len(new)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for row in range(scores.shape[0]):
+            self._advance(row, input_ids[row].tolist())
+            state = self.states[row]
+            order = torch.argsort(scores[row], descending=True)[: self.max_candidates].tolist()
+            allowed: list[int] = []
+            for tid in order:
+                if tid in self.eos_ids:
+                    ok = self.grammar.can_end(state)
+                else:
+                    text = self.token_text[tid]
+                    if state.mode == TEXT and "<" not in text:
+                        ok = True
+                    else:
+                        ok = self.grammar.feed(state.copy(), text)
+                if ok:
+                    allowed.append(tid)
+                    if len(allowed) >= self.keep:
+                        break
+            if not allowed:  # nothing viable among the candidates: end the reply rather than break it
+                allowed = sorted(self.eos_ids)[:1]
+            mask = torch.full_like(scores[row], float("-inf"))
+            idx = torch.tensor(allowed, device=scores.device)
+            mask[idx] = scores[row][idx]
+            scores[row] = mask
+        return scores
+
+
+_TOKEN_TEXT_CACHE: dict[int, list[str]] = {}
+
+
+def token_texts(tokenizer: Any) -> list[str]:
+    """Each token id's text (cached per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _TOKEN_TEXT_CACHE:
+        n = len(tokenizer)
+        _TOKEN_TEXT_CACHE[key] = [tokenizer.decode([i]) for i in range(n)]
+    return _TOKEN_TEXT_CACHE[key]
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = set()
+    for attr in ("eos_token_id",):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list):
+            ids.update(v)
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        try:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+        except Exception:
+            continue
+        if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+            ids.add(tid)
+    return sorted(ids)
+
+
+ARTIFACT_IN_TEXT = re.compile(r"\b(?:image|overlay|mask|boxes|text|json)-[0-9a-f]{24}\b")
