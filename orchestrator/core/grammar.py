@@ -292,11 +292,12 @@ class CommandGrammar:
 class GrammarLogitsProcessor:
     """A transformers LogitsProcessor that keeps generation inside a CommandGrammar.
 
+    ``prompt_length`` None means "the length of the input at the first call" (the prompt).
     Greedy-friendly: per row it walks the candidates from the highest score down and keeps the
     first ``keep`` viable tokens (``keep=1`` for greedy decoding), masking everything else.
     """
 
-    def __init__(self, grammar: CommandGrammar, tokenizer: Any, prompt_length: int, *, keep: int = 1,
+    def __init__(self, grammar: CommandGrammar, tokenizer: Any, prompt_length: int | None = None, *, keep: int = 1,
                  max_candidates: int = 4096) -> None:
         self.grammar = grammar
         self.prompt_length = prompt_length
@@ -308,6 +309,8 @@ class GrammarLogitsProcessor:
         self.seen: list[int] = []
 
     def _advance(self, row: int, ids: list[int]) -> None:
+        if self.prompt_length is None:  # the first call sees exactly the prompt
+            self.prompt_length = len(ids)
         while len(self.states) <= row:
             self.states.append(self.grammar.start())
             self.seen.append(0)

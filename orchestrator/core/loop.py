@@ -1,0 +1,189 @@
+"""The loop: plan → execute → fuse → answer, as a stream of typed events.
+
+1. **plan** — the core reads the conversation (and its images) and writes a reply; decoding is
+   constrained by the registry's grammar, so commands are well formed and address only artifacts
+   this conversation holds.
+2. **execute** — the reply's calls are validated and run by the dispatcher (in-process or Celery);
+   call events (queued, started, progress, done, failed) are forwarded as they happen.
+3. **fuse** — a ``tool`` turn with one line per call (summary or error, artifact ids) is appended,
+   and the core writes the final answer (no calls allowed in it).
+4. **answer** — the reply with the answer, the calls (as OpenAI ``tool_calls``) and the artifacts.
+
+A reply without calls is the answer itself. Artifacts made in a turn stay addressable by id in the
+following turns ("now remove it").
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.commands import parse, validate
+from orchestrator.core.format import tool_turn
+from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+from orchestrator.dispatch import CallEvent, Dispatcher
+from orchestrator.plan import Plan
+from orchestrator.session import Conversation, ConversationStore
+
+
+@dataclass
+class StageEvent:
+    stage: Literal["planning", "executing", "answering", "done"]
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class TextEvent:
+    phase: Literal["plan", "answer"]
+    text: str
+
+
+@dataclass
+class ChatResult:
+    conversation_id: str
+    answer: str
+    plan: str
+    calls: list[dict[str, Any]]  # one per call: id, expert, args, status, summary/error, tool_call
+    errors: list[dict[str, Any]]
+    artifacts: list[dict[str, Any]]  # id, kind, role, call_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+Event = StageEvent | TextEvent | CallEvent | ChatResult
+
+
+class Assistant:
+    """Runs conversations through a core, the registry's experts and a dispatcher."""
+
+    def __init__(self, core: Any, registry: Any, store: ArtifactStore, dispatcher: Dispatcher,
+                 conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
+                 max_calls: int = 16) -> None:
+        self.core = core
+        self.registry = registry
+        self.store = store
+        self.dispatcher = dispatcher
+        self.conversations = conversations
+        self.max_new_tokens = max_new_tokens
+        self.history_messages = history_messages
+        self.max_calls = max_calls
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
+        msgs = conv.messages[-self.history_messages:]
+        while msgs and msgs[0]["role"] != "user":  # never start mid-turn
+            msgs = msgs[1:]
+        return [{k: v for k, v in m.items() if k in ("role", "content", "images")} for m in msgs]
+
+    def _images(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {i: self.store.open_image(i) for m in messages for i in (m.get("images") or [])}
+
+    def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
+                  emit: Callable[[Event], None]) -> str:
+        messages = self._prompt_messages(conv)
+        grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, allow_calls=allow_calls,
+                                               max_calls=self.max_calls)
+        processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
+        return self.core.generate(messages, self._images(messages), max_new_tokens=self.max_new_tokens,
+                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(phase, t)))
+
+    def plan(self, conv: Conversation) -> str:
+        """The core's reply for the conversation as it stands (not executed)."""
+        return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None).strip()
+
+    # -- the whole turn ---------------------------------------------------------------------------
+    def run(self, message: str, *, images: list[str] | None = None, conversation_id: str | None = None,
+            on_event: Callable[[Event], None] | None = None) -> ChatResult:
+        """One user turn, start to finish. ``images`` are artifact ids already in the store."""
+        emit = on_event or (lambda e: None)
+        conv = self.conversations.get(conversation_id) if conversation_id else self.conversations.create()
+        for image_id in images or []:
+            conv.add_artifact(image_id, self.store.get(image_id).kind)
+        conv.messages.append({"role": "user", "content": message, "images": list(images or [])})
+
+        emit(StageEvent("planning"))
+        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit).strip()
+        parsed = parse(reply)
+        validated = validate(parsed, self.registry, max_calls=self.max_calls,
+                             artifact_exists=lambda i: i in conv.artifacts)
+        errors = [e.to_dict() for e in validated.errors]
+        if not parsed.calls and not parsed.errors:
+            conv.messages.append({"role": "assistant", "content": reply})
+            self.conversations.save(conv)
+            result = ChatResult(conv.id, reply, reply, [], [], [])
+            emit(StageEvent("done"))
+            emit(result)
+            return result
+
+        emit(StageEvent("executing"))
+        plan = Plan.from_validated(validated)
+        outcome = self.dispatcher.run_plan(plan, conversation_id=conv.id, on_event=emit)
+        by_id = outcome.by_id()
+        calls, lines = [], []
+        for call in parsed.calls:
+            o = by_id.get(call.id)
+            vc = next((c for c in plan.calls if c.id == call.id), None)
+            entry: dict[str, Any] = {"id": call.id, "expert": call.expert, "args": dict(call.args)}
+            if vc is not None:
+                entry["tool_call"] = vc.to_tool_call()
+            if o is not None:
+                entry.update(status=o.status, args=o.args or entry["args"])
+                if o.status == "done":
+                    entry["summary"] = o.result.get("summary", "")
+                    entry["artifacts"] = o.result.get("artifacts", [])
+                else:
+                    entry["error"] = o.error
+            else:
+                err = next((e for e in validated.errors if e.call_id == call.id), None)
+                entry.update(status="invalid", error=str(err.message) if err else "invalid call")
+            calls.append(entry)
+            lines.append({"call_id": call.id, "expert": call.expert, "status": entry["status"],
+                          "summary": entry.get("summary"), "error": entry.get("error"),
+                          "artifacts": entry.get("artifacts", [])})
+        for e in parsed.errors:
+            lines.append({"call_id": "-", "expert": "-", "status": "invalid", "error": e.message})
+        artifacts = outcome.artifacts()
+        for a in artifacts:
+            conv.add_artifact(a["id"], a["kind"])
+        conv.messages.append({"role": "assistant", "content": reply})
+        conv.messages.append({"role": "tool", "content": tool_turn(lines)})
+
+        emit(StageEvent("answering"))
+        answer = self._generate(conv, allow_calls=False, phase="answer", emit=emit).strip()
+        conv.messages.append({"role": "assistant", "content": answer})
+        self.conversations.save(conv)
+        result = ChatResult(conv.id, answer, reply, calls, errors, artifacts)
+        emit(StageEvent("done"))
+        emit(result)
+        return result
+
+    def stream(self, message: str, **kw: Any) -> Iterator[Event]:
+        """The same turn as ``run``, as an iterator of events (the last one is the ChatResult).
+
+        An exception inside the turn is re-raised from the iterator.
+        """
+        q: queue.Queue[Any] = queue.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                self.run(message, on_event=q.put, **kw)
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+            finally:
+                q.put(done)
+
+        threading.Thread(target=work, daemon=True, name="assistant-turn").start()
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
