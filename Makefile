@@ -8,7 +8,6 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
-SYSTEM_PACKAGES := redis-server docker-compose
 
 .PHONY: install system-deps demo test test-fast lint serve clean
 
@@ -20,10 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## the venv with every extra (torch is taken from local disk)
 
-system-deps: ## redis-server (integration tests) and docker-compose (compose file check)
+system-deps: ## redis-server (integration tests), docker-compose (compose file check), chromium (browser tests)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

@@ -20,6 +20,7 @@ starting a Celery prefork parent never loads a model. Results carry artifact ids
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import threading
@@ -69,14 +70,19 @@ MaskRef = _artifact_ref("mask", "A mask artifact id, or $<call id> for the mask 
 
 def artifact_fields(args_model: type[BaseModel]) -> dict[str, str]:
     """Map of argument name -> artifact kind, for arguments that hold artifact ids or references."""
+    return dict(_artifact_fields(args_model))
+
+
+@functools.cache
+def _artifact_fields(args_model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
     schema = args_model.model_json_schema()
-    out = {}
+    out = []
     for fname, prop in schema.get("properties", {}).items():
         for alt in [prop, *prop.get("anyOf", []), *prop.get("oneOf", [])]:
             if ARTIFACT_KEY in alt:
-                out[fname] = str(alt[ARTIFACT_KEY])
+                out.append((fname, str(alt[ARTIFACT_KEY])))
                 break
-    return out
+    return tuple(out)
 
 
 class OutputArtifact(BaseModel):

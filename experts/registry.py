@@ -6,6 +6,7 @@ there is one way in. Two packages claiming one name is an error that names both.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -122,13 +123,46 @@ _registry: Registry | None = None
 _registry_lock = threading.Lock()
 
 
+def parse_extra_experts(spec: str) -> list[str]:
+    """Split ``"pkg.mod:Class, other.mod:Other"`` into its entries (empty entries dropped)."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def load_extra_experts(registry: Registry, spec: str) -> list[str]:
+    """Register the expert classes named in ``spec`` (``module:Class``, comma-separated).
+
+    This is ``SWITCHBOARD_EXTRA_EXPERTS``: a way to add experts to the orchestrator and workers without
+    packaging them with an entry point — for development and tests. Installed plugins use the
+    ``switchboard.experts`` entry-point group instead. Returns the names registered.
+    """
+    names = []
+    for entry in parse_extra_experts(spec):
+        module, sep, attr = entry.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"SWITCHBOARD_EXTRA_EXPERTS entry {entry!r} must look like package.module:Class")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise ImportError(f"SWITCHBOARD_EXTRA_EXPERTS entry {entry!r} cannot be loaded: {e}") from e
+        registry.register(obj, f"SWITCHBOARD_EXTRA_EXPERTS ({module})")
+        names.append(obj.name)
+    return names
+
+
 def get_registry() -> Registry:
-    """The process-wide registry, loaded from entry points on first use."""
+    """The process-wide registry: entry points, plus ``SWITCHBOARD_EXTRA_EXPERTS`` (loaded on first use)."""
     global _registry
     with _registry_lock:
         if _registry is None:
+            from orchestrator.settings import get_settings
+
             reg = Registry()
             reg.load_entry_points()
+            extra = get_settings().extra_experts
+            if extra:
+                load_extra_experts(reg, extra)
             _registry = reg
         return _registry
 

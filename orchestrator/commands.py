@@ -21,6 +21,7 @@ canonical format, ``format_reply(parse(x)) == x``. ``validate`` checks calls aga
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -246,9 +247,14 @@ def _is_stringish(prop: dict[str, Any], defs: dict[str, Any]) -> bool:
     return any(_is_stringish(a, defs) for a in alts if a.get("type") != "null")
 
 
+@functools.cache
+def _schema(args_model: type[BaseModel]) -> dict[str, Any]:
+    return args_model.model_json_schema()
+
+
 def convert_args(args_model: type[BaseModel], raw: dict[str, str]) -> dict[str, Any]:
     """Turn text values into JSON values for non-string arguments (``"0.4"`` -> 0.4)."""
-    schema = args_model.model_json_schema()
+    schema = _schema(args_model)
     props, defs = schema.get("properties", {}), schema.get("$defs", {})
     out: dict[str, Any] = {}
     for k, v in raw.items():

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     # Distributed dispatch: unset means in-process.
     broker_url: str | None = None
     result_backend: str | None = None
+    worker_max_deliveries: int = Field(
+        default=3, ge=1, description="A call whose worker dies this many times is dead-lettered.")
+    broker_visibility_timeout_s: float | None = Field(
+        default=None, gt=0, description="Seconds before a call held by a vanished worker is redelivered; "
+        "default: the longest hard time limit of any expert + 60 s. Must exceed every call's run time.")
+    extra_experts: str = Field(
+        default="", description="Comma-separated module:Class experts to register besides the entry points "
+        "(development and tests; plugins use the switchboard.experts entry-point group).")
 
     # API
     api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys; empty = open.")

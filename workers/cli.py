@@ -1,0 +1,87 @@
+"""``switchboard worker``: start a Celery worker that serves some experts' queues.
+
+    switchboard worker --experts detect,segment [--concurrency N] [--pool prefork|solo|threads]
+
+The queues are the experts' ``queue_name()``s, taken from the registry (entry points, plus
+``SWITCHBOARD_EXTRA_EXPERTS``), so a plugin's expert is served by naming it. The broker is
+``SWITCHBOARD_BROKER_URL`` (default ``redis://localhost:6379/0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+POOLS = ("prefork", "solo", "threads")
+LOGLEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="switchboard worker",
+        description="Start a Celery worker for some experts' queues (one queue per expert).",
+        epilog="Each pool process loads an expert's model on its first call and keeps it. Time limits are "
+               "enforced by the prefork pool only (Celery does not enforce them in solo or threads pools).")
+    p.add_argument("--experts", default="all",
+                   help="comma-separated expert names, or 'all' for every registered expert (default)")
+    p.add_argument("--concurrency", "-c", type=int, default=1,
+                   help="pool processes (threads for --pool threads); one per GPU model copy (default 1)")
+    p.add_argument("--pool", "-P", choices=POOLS, default="prefork", help="execution pool (default prefork)")
+    p.add_argument("--loglevel", "-l", choices=LOGLEVELS, default="info", type=str.lower)
+    p.add_argument("--hostname", "-n", default=None,
+                   help="node name (default <experts>@<host>); must be unique per worker for Flower")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.concurrency < 1:
+        print("switchboard worker: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+
+    from orchestrator.settings import get_settings
+    from workers.config import broker_url, redacted_url, worker_registry
+    from workers.routing import queues_for
+
+    settings = get_settings()
+    try:
+        registry = worker_registry(settings)
+    except (ImportError, ValueError) as e:
+        print(f"switchboard worker: {e}", file=sys.stderr)
+        return 2
+    if args.experts.strip() == "all":
+        experts = registry.names()
+    else:
+        experts = [e.strip() for e in args.experts.split(",") if e.strip()]
+    unknown = [e for e in experts if e not in registry]
+    if unknown or not experts:
+        what = f"unknown expert(s) {', '.join(unknown)}" if unknown else "no experts given"
+        print(f"switchboard worker: {what}; registered experts: {', '.join(registry.names()) or '(none)'}",
+              file=sys.stderr)
+        return 2
+    queues = queues_for(registry, experts)
+    hostname = args.hostname or f"{'+'.join(experts)}@%h"
+    if args.pool != "prefork":
+        print(f"switchboard worker: note: the {args.pool} pool does not enforce time limits; the orchestrator "
+              "still gives up on a call at its deadline", file=sys.stderr)
+    print(f"switchboard worker: experts {', '.join(experts)} on queues {', '.join(queues)} "
+          f"via {redacted_url(broker_url(settings))}", file=sys.stderr, flush=True)
+
+    from workers.app import app
+
+    celery_argv = [
+        "worker", "--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--pool", args.pool,
+        "--loglevel", args.loglevel, "--hostname", hostname,
+        # Mingle (revoked-id sync at start) and gossip cost start-up time and broker traffic; calls
+        # carry an expiry instead, so a worker that starts late still drops abandoned calls.
+        "--without-mingle", "--without-gossip",
+    ]
+    try:
+        rc = app.start(celery_argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Celery configuration, the worker's registry, and the names the workers share with the orchestrator.
+
+The worker's app instance lives in ``workers.app``; the orchestrator's queued dispatcher builds its own
+(producer-only) app from the same configuration. Settings come from ``orchestrator.settings``
+(``SWITCHBOARD_*``).
+
+What the configuration guarantees, and why:
+
+- JSON only, both ways (``accept_content=["json"]``): a pickled message is refused, so a client that
+  can write to Redis cannot make a worker run code.
+- One queue per expert (``Expert.queue_name()``), derived from the registry at run time.
+- Late acks + reject on worker lost + prefetch 1: a call whose worker dies is delivered again,
+  and a busy worker never holds calls that an idle one could run. Redeliveries are counted by the
+  task (workers.tasks) and capped (``SWITCHBOARD_WORKER_MAX_DELIVERIES``), then dead-lettered.
+- Per-expert soft/hard time limits (workers.routing.time_limits) travel with each message.
+- Broker and result backend reconnect by themselves after a Redis restart.
+- Task events on, so Flower shows the calls.
+- A dead pool process is noticed within 0.5 s (PoolWatch), and kombu's Redis transport reuses its
+  client objects (workers.transport): both take time off every call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from orchestrator.settings import Settings, get_settings
+from workers import transport
+from workers.routing import load_extra_experts, max_hard_limit, queue_for
+
+transport.install()
+
+TASK_NAME = "switchboard.run_expert"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+# Redis keys the workers use besides Celery's own.
+DEAD_LETTER_KEY = "switchboard:dead"
+DELIVERIES_KEY = "switchboard:deliveries:{task_id}:{retries}"
+# Celery's Redis result backend stores a task's state under this key and publishes every change
+# on a channel of the same name; the queued dispatcher listens there (no global key prefix is set).
+RESULT_KEY_PREFIX = "celery-task-meta-"
+# How much longer than the longest hard time limit a call may stay unacknowledged before it is
+# handed to another worker (only matters when a whole worker vanishes; a dead pool process is
+# noticed by its parent and the call is requeued at once).
+VISIBILITY_MARGIN_S = 60.0
+
+
+def broker_url(settings: Settings) -> str:
+    return settings.broker_url or DEFAULT_BROKER_URL
+
+
+def redacted_url(url: str) -> str:
+    """A Redis URL fit for logs and error messages (no password)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def result_backend_url(settings: Settings) -> str:
+    url = settings.result_backend or broker_url(settings)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"the result backend must be Redis (redis://…), got {url.split('://')[0]}://…")
+    return url
+
+
+def worker_registry(settings: Settings | None = None) -> Any:
+    """The process registry (entry points) plus ``SWITCHBOARD_EXTRA_EXPERTS``.
+
+    Registering a class that is already registered is a no-op, so calling this again is cheap.
+    """
+    from experts.registry import get_registry
+
+    s = settings or get_settings()
+    reg = get_registry()
+    if s.extra_experts:
+        load_extra_experts(reg, s.extra_experts)
+    return reg
+
+
+def visibility_timeout(settings: Settings, registry: Any) -> float:
+    if settings.broker_visibility_timeout_s:
+        return float(settings.broker_visibility_timeout_s)
+    return max_hard_limit(registry, settings.call_timeout_s) + VISIBILITY_MARGIN_S
+
+
+def celery_config(settings: Settings, registry: Any, *, producer: bool = False) -> dict[str, Any]:
+    """Celery settings for a worker, or (``producer=True``) for the orchestrator that only sends calls."""
+    vis = visibility_timeout(settings, registry)
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:
+        expert = (kwargs or {}).get("expert") if name == TASK_NAME else None
+        if expert and expert in registry:
+            return {"queue": queue_for(registry, expert)}
+        return None
+
+    return {
+        "broker_url": broker_url(settings),
+        # The orchestrator reads results itself (workers.dispatch); without a backend object here,
+        # Celery does not start a second result listener in the orchestrator process.
+        "result_backend": None if producer else result_backend_url(settings),
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure": True,
+        "task_acks_on_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        # How long the prefork parent waits for a result from a pool process that died before it
+        # declares the call's worker lost and requeues it (Celery's default is 10 s). A result that
+        # was stored anyway is found by the redelivered task, which then does not run again.
+        "worker_lost_wait": 1.0,
+        # STARTED is stored by the task itself, after its redelivery checks (workers.tasks).
+        "task_track_started": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_routes": (route,),
+        "task_default_queue": "switchboard",
+        "task_create_missing_queues": True,
+        "broker_transport_options": {
+            "visibility_timeout": vis,
+            # Sweep for calls of vanished workers often enough that the timeout above is what counts.
+            "unacked_restore_interval": int(max(1, min(10, vis / 10))),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+        },
+        "broker_connection_retry": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_connection_timeout": 5,
+        # A call running while the broker connection drops goes on; its result is stored, and if
+        # its ack is lost the redelivered message finds that result instead of running again.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 1.0},
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
+        "redis_retry_on_timeout": True,
+        "redis_socket_keepalive": True,
+        "redis_socket_connect_timeout": 5,
+        "redis_backend_health_check_interval": 10,
+        "result_expires": 24 * 3600,
+        "enable_utc": True,
+        "worker_hijack_root_logger": True,
+    }
+
+
+# How often the prefork parent looks for pool processes that died. Celery watches each process's exit
+# pipe, but when the pipe closes before the process can be reaped it misses the death and notices
+# it only at its 5 s maintenance tick; a call whose process was killed would wait that long.
+POOL_CHECK_INTERVAL_S = 0.5
+
+
+class PoolWatch(bootsteps.StartStopStep):
+    """Worker bootstep: run the prefork pool's maintenance (reap, requeue, respawn) every 0.5 s."""
+
+    requires = ("celery.worker.components:Pool",)
+    label = "switchboard pool watch"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        hub = getattr(parent, "hub", None)
+        pool = getattr(getattr(parent, "pool", None), "_pool", None)
+        if hub is not None and hasattr(pool, "maintain_pool"):
+            self._tref = hub.call_repeatedly(POOL_CHECK_INTERVAL_S, pool.maintain_pool)
+
+    def stop(self, parent: Any) -> None:
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+
+
+def create_app(settings: Settings | None = None, registry: Any = None, *, producer: bool = False) -> Celery:
+    """A configured Celery app. Workers use the module-level ``app``; dispatchers make their own."""
+    s = settings or get_settings()
+    reg = registry if registry is not None else worker_registry(s)
+    app = Celery("switchboard", set_as_current=not producer)
+    app.conf.update(celery_config(s, reg, producer=producer))
+    if not producer:
+        app.conf.include = ["workers.tasks"]
+        app.steps["worker"].add(PoolWatch)
+    return app
+

@@ -1,0 +1,222 @@
+"""The one task that runs any expert by name, on a worker.
+
+A message carries ``expert``, ``args`` (JSON, artifact ids, never pixels), ``call_id`` and
+``conversation_id``. The task:
+
+1. counts this delivery in Redis (``switchboard:deliveries:<task id>:<retry>``). Late acks plus
+   reject-on-worker-lost deliver a call again whenever its worker dies, so a call that kills every
+   worker it lands on would loop forever; after ``worker_max_deliveries`` deaths it is pushed to
+   the Redis list ``switchboard:dead`` and fails with "… killed its worker N times; dead-lettered";
+2. returns the stored result if an earlier delivery already finished (its ack was lost), so a
+   redelivered call does not run twice;
+3. runs the expert through ``orchestrator.dispatch.execute_call`` (the same code as the in-process
+   dispatcher), having stored STARTED (in the same round trip as the count), and publishes progress
+   as PROGRESS states;
+4. retries transient errors (OSError: a store on a shared volume that blinks, a lost connection)
+   with exponential backoff; a ``CallFailed`` (bad arguments, an expert's own error) is final.
+
+The expert instance is the process-wide one from the registry, set up on its first call in the
+process that runs it, so a model loads once per pool process and never in a prefork parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+from celery.worker.request import Request
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.dispatch import CallFailed, execute_call
+from orchestrator.settings import get_settings
+from workers.app import app
+from workers.config import (
+    DEAD_LETTER_KEY,
+    DELIVERIES_KEY,
+    TASK_NAME,
+    result_backend_url,
+    visibility_timeout,
+    worker_registry,
+)
+from workers.routing import max_hard_limit, time_limits
+
+log = get_task_logger(__name__)
+
+MAX_RETRIES = 3
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+PROGRESS_MIN_INTERVAL_S = 0.05
+# OSErrors that retrying cannot fix.
+PERMANENT_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError)
+
+_process: dict[str, Any] = {}
+
+
+def _per_process(key: str, make: Any) -> Any:
+    """A resource made once per process (a prefork child must not reuse its parent's sockets)."""
+    pid = os.getpid()
+    item = _process.get(key)
+    if item is None or item[0] != pid:
+        item = (pid, make())
+        _process[key] = item
+    return item[1]
+
+
+def _redis() -> redis.Redis:
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    # Ride out a Redis restart of ~10 s rather than failing the call.
+    # The result backend's Redis: task states live there, so our writes can share a round trip with
+    # them; the delivery counts and the dead letters live there too.
+    return _per_process("redis", lambda: redis.Redis.from_url(
+        result_backend_url(get_settings()), socket_connect_timeout=5, socket_keepalive=True, health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 12)))
+
+
+def _registry() -> Any:
+    # The registry holds no sockets, so a prefork child may keep its parent's (experts are
+    # constructed lazily, in the process that runs them).
+    if "registry" not in _process:
+        _process["registry"] = (os.getpid(), worker_registry())
+    return _process["registry"][1]
+
+
+def _count_ttl() -> int:
+    """How long a delivery count is kept: longer than any call can keep being redelivered, so the
+    count is never forgotten while it matters, and short enough that finished calls' counts go
+    away by themselves (no extra round trip to delete them)."""
+    if "count_ttl" not in _process:
+        s, reg = get_settings(), _registry()
+        per_delivery = visibility_timeout(s, reg) + max_hard_limit(reg, s.call_timeout_s)
+        _process["count_ttl"] = (os.getpid(), int((s.worker_max_deliveries + 1) * per_delivery) + 60)
+    return _process["count_ttl"][1]
+
+
+def _store() -> ArtifactStore:
+    return _per_process("store", lambda: ArtifactStore.from_settings(get_settings()))
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Errors worth retrying: I/O and connection errors, not an expert's own failure or bad input."""
+    return isinstance(exc, OSError | redis.ConnectionError | redis.TimeoutError) and not isinstance(
+        exc, PERMANENT_OS_ERRORS)
+
+
+class ExpertRequest(Request):
+    """A request that takes its expert's time limits when the message carries none.
+
+    The queued dispatcher always sends them; this covers other senders (``celery call``, scripts).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(self.time_limits or ()):
+            try:
+                cls = _registry().get_class((self.kwargs or {}).get("expert"))
+            except Exception:  # an unknown expert: the task itself reports it
+                return
+            soft, hard = time_limits(cls, get_settings().call_timeout_s)
+            self.time_limits = (hard, soft)
+
+
+def _soft_limit(task: Any, expert: str) -> float | None:
+    limits = task.request.timelimit or (None, None)
+    if limits[1]:
+        return float(limits[1])
+    try:
+        return time_limits(_registry().get_class(expert), get_settings().call_timeout_s)[0]
+    except Exception:
+        return None
+
+
+def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any]) -> None:
+    """Add a task-state write to ``pipe``, exactly as Celery's Redis backend stores and publishes it.
+
+    ``task.update_state`` costs two round trips (Celery reads the stored state first, so that nothing
+    overwrites a SUCCESS); STARTED and PROGRESS are written here in one, along with our own commands.
+    A SUCCESS that a redelivery overwrites with STARTED is stored again when that delivery returns it.
+    """
+    backend = task.backend
+    meta = backend._get_result_meta(result=info, state=state, traceback=None, request=task.request)
+    meta["task_id"] = task.request.id
+    key, value = backend.get_key_for_task(task.request.id), backend.encode(meta)
+    expires = int(backend.expires or 0)
+    if expires > 0:
+        pipe.setex(key, expires, value)
+    else:
+        pipe.set(key, value)
+    pipe.publish(key, value)
+
+
+def _progress_reporter(task: Any) -> Any:
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - last[0] < PROGRESS_MIN_INTERVAL_S:
+            return  # an expert reporting every step must not flood Redis
+        last[0] = now
+        with _redis().pipeline(transaction=False) as pipe:
+            _queue_state(pipe, task, "PROGRESS", {"progress": fraction, "message": message})
+            pipe.execute()
+
+    return progress
+
+
+def dead_letter(r: redis.Redis, entry: dict[str, Any]) -> None:
+    """Keep a call that kept killing its workers in ``switchboard:dead`` (newest first)."""
+    r.lpush(DEAD_LETTER_KEY, json.dumps(entry, sort_keys=True))
+
+
+@app.task(bind=True, name=TASK_NAME, Request=ExpertRequest, acks_late=True, reject_on_worker_lost=True,
+          max_retries=MAX_RETRIES, throws=(CallFailed,))
+def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0",
+               conversation_id: str | None = None) -> dict[str, Any]:
+    """Run one call of ``expert`` and return its result as JSON (see the module doc)."""
+    settings = get_settings()
+    r = _redis()
+    task_id = self.request.id
+    counter = DELIVERIES_KEY.format(task_id=task_id, retries=self.request.retries)
+    with r.pipeline(transaction=False) as pipe:  # one round trip
+        pipe.incr(counter)
+        pipe.expire(counter, _count_ttl())
+        pipe.get(self.backend.get_key_for_task(task_id))
+        _queue_state(pipe, self, "STARTED", {"hostname": self.request.hostname, "pid": os.getpid(),
+                                             "retry": self.request.retries})
+        delivery, _, stored, *_ = pipe.execute()
+    prior = json.loads(stored) if stored else {}
+    if prior.get("status") == "SUCCESS":
+        log.warning("call %s (%s, task %s) already finished; returning its stored result", call_id, expert, task_id)
+        return prior["result"]
+    deaths = int(delivery) - 1
+    if deaths >= settings.worker_max_deliveries:
+        dead_letter(r, {
+            "task_id": task_id, "expert": expert, "call_id": call_id, "conversation_id": conversation_id,
+            "args": args, "deaths": deaths, "retries": self.request.retries, "time": time.time(),
+            "queue": (self.request.delivery_info or {}).get("routing_key"), "hostname": self.request.hostname,
+        })
+        raise CallFailed(f"{expert}: call {call_id} killed its worker {deaths} times; dead-lettered "
+                         f"(task {task_id}, kept in the Redis list {DEAD_LETTER_KEY})")
+    try:
+        result = execute_call(_registry(), _store(), expert, args, call_id=call_id,
+                              conversation_id=conversation_id, progress=_progress_reporter(self))
+    except (CallFailed, SoftTimeLimitExceeded) as e:
+        cause = e if isinstance(e, SoftTimeLimitExceeded) else e.__cause__
+        if isinstance(cause, SoftTimeLimitExceeded):
+            limit = _soft_limit(self, expert)
+            shown = f" of {limit:g} s" if limit else ""
+            raise CallFailed(f"{expert}: exceeded its time limit{shown} and was stopped") from None
+        if is_transient(cause) and self.request.retries < self.max_retries:
+            countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** self.request.retries) * random.uniform(0.8, 1.2)
+            log.warning("call %s (%s): transient %r; retry %d of %d in %.1f s", call_id, expert, cause,
+                        self.request.retries + 1, self.max_retries, countdown)
+            raise self.retry(exc=e, countdown=countdown) from None
+        raise
+    return result
