@@ -1,0 +1,493 @@
+"""The logic behind the routes: requests in the OpenAI shape → turns of the assistant → responses.
+
+A turn is prepared before anything is sent (``ServingChat.prepare``): the model name, the
+conversation, the user's text and images (data URIs are checked and stored; artifact URLs must belong
+to this conversation) — so every error about the request is an HTTP status, also for ``stream: true``.
+Only failures inside the turn itself arrive in the stream, as an ``{"error": …}`` frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from orchestrator.api.metrics import Metrics
+from orchestrator.api.protocol import (
+    MODEL_ID,
+    Artifact,
+    AssistantMessage,
+    CallStageEvent,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ExecutedToolCall,
+    ImagePart,
+    ModelCard,
+    ModelList,
+    PlanTextEvent,
+    ResponseMessage,
+    StageEvent,
+    SystemMessage,
+    TextPart,
+    ToolCallDelta,
+    ToolCallFunction,
+    ToolMessage,
+    UserMessage,
+    error_body,
+)
+from orchestrator.artifacts import IMAGE_KINDS, ArtifactMeta, ArtifactStore, is_artifact_id
+from orchestrator.core import loop
+from orchestrator.dispatch import CallEvent
+from orchestrator.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, SwitchboardError
+from orchestrator.session import Conversation, ConversationStore
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 16_000  # per message; the core's context is far shorter anyway
+MAX_IMAGES_PER_MESSAGE = 8
+
+
+class BadRequest(SwitchboardError):
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(SwitchboardError):
+    code = "model_not_found"
+    status = 404
+
+
+class CoreUnavailable(SwitchboardError):
+    code = "assistant_unavailable"
+    status = 503
+
+
+# -- the assistant, built on first use ----------------------------------------------------------
+
+class AssistantProvider:
+    """Holds the assistant: an injected one, or the one ``build`` makes on first use (thread-safe).
+
+    Loading the core takes seconds, so the server starts at once and the first request (or
+    ``preload``) pays for it. A failed build is reported as 503 and retried on the next request.
+    """
+
+    def __init__(self, build: Callable[[], loop.Assistant], assistant: loop.Assistant | None = None) -> None:
+        self._build = build
+        self._assistant = assistant
+        self._owned = assistant is None
+        self._lock = threading.Lock()
+        self.error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._assistant is not None
+
+    def get(self) -> loop.Assistant:
+        if self._assistant is not None:
+            return self._assistant
+        with self._lock:
+            if self._assistant is None:
+                try:
+                    self._assistant = self._build()
+                    self.error = None
+                except Exception as e:
+                    self.error = f"{type(e).__name__}: {e}"
+                    log.exception("the assistant could not be built")
+                    raise CoreUnavailable(f"the assistant could not be started: {self.error}") from e
+        return self._assistant
+
+    def preload(self) -> None:
+        """Build the assistant in the background now, so the first request does not wait as long."""
+
+        def work() -> None:
+            try:
+                self.get()
+            except CoreUnavailable:
+                pass  # logged; reported by /healthz and retried on the next request
+
+        threading.Thread(target=work, daemon=True, name="assistant-preload").start()
+
+    def close(self) -> None:
+        if self._owned and self._assistant is not None:
+            self._assistant.dispatcher.close()
+
+
+# -- a prepared turn ----------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    """A checked request: what ``Assistant.run`` needs."""
+
+    conversation_id: str
+    text: str
+    images: list[str] = field(default_factory=list)
+
+
+class _KeyedLocks:
+    """One lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+            with self._guard:
+                users = self._locks[key][1] - 1
+                if users:
+                    self._locks[key] = (lock, users)
+                else:
+                    del self._locks[key]
+
+
+class _Trimmed:
+    """Streams text as ``str.strip()`` would leave it: leading whitespace dropped, trailing held back."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        text = self.held + text
+        kept = text.rstrip()
+        self.held = text[len(kept):]
+        return kept
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _alt(text: str) -> str:
+    """Text safe inside markdown link brackets."""
+    return " ".join(text.replace("[", "(").replace("]", ")").split())
+
+
+class ServingChat:
+    """``/v1/chat/completions``, ``/v1/models`` and ``/v1/artifacts``."""
+
+    def __init__(self, provider: AssistantProvider, store: ArtifactStore, conversations: ConversationStore,
+                 metrics: Metrics) -> None:
+        self.provider = provider
+        self.store = store
+        self.conversations = conversations
+        self.metrics = metrics
+        self.started = int(time.time())
+        # Turns of one conversation run one after the other: each reads the history and saves it
+        # whole, so two at once would lose one of them.
+        self._conversation_locks = _KeyedLocks()
+
+    # -- models & artifacts ---------------------------------------------------------------------
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=MODEL_ID, created=self.started)])
+
+    def model(self, model_id: str) -> ModelCard:
+        if model_id != MODEL_ID:
+            raise ModelNotFound(f"the model {model_id!r} does not exist; this server serves {MODEL_ID!r}")
+        return ModelCard(id=MODEL_ID, created=self.started)
+
+    def artifact(self, artifact_id: str) -> tuple[Path, ArtifactMeta]:
+        """The file and metadata of an artifact; an id that is not one is simply not found."""
+        if not is_artifact_id(artifact_id):
+            raise ArtifactNotFound(f"no artifact {artifact_id[:80]!r}")
+        meta = self.store.get(artifact_id)
+        return self.store.path(artifact_id), meta
+
+    # -- preparing a turn -----------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest, header_conversation_id: str | None = None) -> Turn:
+        """Check the request and store its images. Raises SwitchboardError subclasses (4xx, 503)."""
+        if req.model != MODEL_ID:
+            raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {MODEL_ID!r}")
+        if req.n not in (None, 1):
+            raise BadRequest("n must be 1: a turn has one answer", "n")
+        if req.tools:
+            raise BadRequest("client-side tools are not supported: the server runs its own experts and "
+                             "reports them as tool_calls", "tools")
+        conv_id = req.conversation_id
+        if header_conversation_id and conv_id and header_conversation_id != conv_id:
+            raise BadRequest("the conversation_id field and the X-Conversation-Id header differ", "conversation_id")
+        conv_id = conv_id or header_conversation_id
+        conv = self.conversations.get(conv_id) if conv_id else None
+
+        last_index = len(req.messages) - 1
+        last = req.messages[last_index]
+        if not isinstance(last, UserMessage):
+            raise BadRequest(f"the last message must be the user's new turn (role 'user'), not {last.role!r}",
+                             f"messages.{last_index}")
+        known = set(conv.artifacts) if conv else set()
+        history: list[dict[str, Any]] = []
+        if conv is None:  # a stateless client sends the history: it seeds the new conversation
+            for i, msg in enumerate(req.messages[:last_index]):
+                entry = self._history_entry(msg, i, known)
+                if entry is not None:
+                    history.append(entry)
+                    known.update(entry.get("images", []))
+        text, images = self._user_turn(last, last_index, known)
+        if not text.strip() and not images:
+            raise BadRequest("the last user message is empty: send text, an image, or both",
+                             f"messages.{last_index}.content")
+
+        self.provider.get()  # 503 now rather than in the middle of a stream
+        if conv is None:
+            conv = self._new_conversation(history)
+        return Turn(conversation_id=conv.id, text=text, images=images)
+
+    def _new_conversation(self, history: list[dict[str, Any]]) -> Conversation:
+        conv = self.conversations.create()
+        if history:
+            for msg in history:
+                for image_id in msg.get("images", []):
+                    conv.add_artifact(image_id, self.store.get(image_id).kind)
+            conv.messages.extend(history)
+            self.conversations.save(conv)
+        return conv
+
+    def _history_entry(self, msg: Any, index: int, known: set[str]) -> dict[str, Any] | None:
+        if isinstance(msg, SystemMessage):
+            return None  # the shipped core was trained without a system turn; instructions go to users
+        if isinstance(msg, ToolMessage):
+            raise BadRequest("tool messages are not accepted: the server runs the experts itself and "
+                             "keeps their results in the conversation", f"messages.{index}")
+        if isinstance(msg, UserMessage):
+            text, images = self._user_turn(msg, index, known)
+            return {"role": "user", "content": text, "images": images}
+        assert isinstance(msg, AssistantMessage)
+        text = self._text(msg.content, index)
+        return {"role": "assistant", "content": text} if text else None
+
+    def _text(self, content: str | list[TextPart] | None, index: int) -> str:
+        if content is None:
+            return ""
+        text = content if isinstance(content, str) else "\n".join(p.text for p in content)
+        if len(text) > MAX_TEXT_CHARS:
+            raise BadRequest(f"message {index} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
+                             f"messages.{index}.content")
+        return text
+
+    def _user_turn(self, msg: UserMessage, index: int, known: set[str]) -> tuple[str, list[str]]:
+        if isinstance(msg.content, str):
+            return self._text(msg.content, index), []
+        texts: list[TextPart] = []
+        images: list[str] = []
+        for j, part in enumerate(msg.content):
+            if isinstance(part, TextPart):
+                texts.append(part)
+                continue
+            assert isinstance(part, ImagePart)
+            if len(images) == MAX_IMAGES_PER_MESSAGE:
+                raise BadRequest(f"at most {MAX_IMAGES_PER_MESSAGE} images per message", f"messages.{index}.content")
+            param = f"messages.{index}.content.{j}.image_url.url"
+            try:
+                image_id = self._image(part.image_url.url, known)
+            except SwitchboardError as e:  # say which image was wrong
+                e.param = getattr(e, "param", None) or param  # type: ignore[attr-defined]
+                raise
+            if image_id not in images:
+                images.append(image_id)
+        return self._text(texts, index), images
+
+    def _image(self, url: str, known: set[str]) -> str:
+        """The artifact id of an ``image_url``: a data URI is checked and stored; an artifact URL must
+        name an image of this conversation."""
+        if url[:5].lower() == "data:":
+            return self.store.import_image(_decode_data_uri(url, self.store.max_image_bytes)).id
+        parts = urlsplit(url)
+        if parts.scheme not in ("", "http", "https"):
+            raise BadRequest(f"unsupported image URL scheme {parts.scheme!r}: send a data: URI or the URL of "
+                             "an artifact of this conversation (/v1/artifacts/{id})")
+        head, _, artifact_id = unquote(parts.path).rpartition("/")
+        if not head.endswith("/v1/artifacts") or not is_artifact_id(artifact_id):
+            raise BadRequest("remote image URLs are not fetched: send a data: URI (data:image/png;base64,…) or "
+                             "the URL of an artifact of this conversation (/v1/artifacts/{id})")
+        if artifact_id not in known:
+            raise ArtifactNotFound(f"artifact {artifact_id} is not part of this conversation")
+        kind = self.store.get(artifact_id).kind
+        if kind not in IMAGE_KINDS:
+            raise BadRequest(f"artifact {artifact_id} is {kind!r}, not an image")
+        return artifact_id
+
+    # -- running a turn -------------------------------------------------------------------------
+    def _run(self, turn: Turn, on_event: Callable[[Any], None]) -> loop.ChatResult:
+        assistant = self.provider.get()
+        timer = self.metrics.call_timer()
+
+        def sink(event: Any) -> None:
+            timer(event)
+            on_event(event)
+
+        with self._conversation_locks.hold(turn.conversation_id), self.metrics.turn():
+            result = assistant.run(turn.text, images=turn.images, conversation_id=turn.conversation_id,
+                                   on_event=sink)
+        self.metrics.count_calls(result.calls)
+        return result
+
+    def _events(self, turn: Turn) -> Iterator[Any]:
+        """The turn's events as they happen (the last is the ChatResult). The turn runs in its own
+        thread and finishes (and is saved) even if the client goes away."""
+        events: queue.Queue[Any] = queue.Queue()
+        end = object()
+
+        def work() -> None:
+            try:
+                self._run(turn, events.put)
+            except BaseException as e:  # handed to the consumer
+                events.put(e)
+            finally:
+                events.put(end)
+
+        threading.Thread(target=work, daemon=True, name=f"turn-{turn.conversation_id}").start()
+        while (item := events.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def complete(self, turn: Turn, base_url: str) -> ChatCompletionResponse:
+        """Run the turn to the end and return the whole completion."""
+        result = self._run(turn, lambda event: None)
+        artifacts = self._artifacts(result, base_url)
+        message = ResponseMessage(content=self._content(result.answer, artifacts),
+                                  tool_calls=[self._tool_call(c) for c in result.calls] or None,
+                                  artifacts=artifacts)
+        return ChatCompletionResponse(id=_completion_id(), choices=[Choice(message=message)],
+                                      conversation_id=result.conversation_id)
+
+    def stream(self, turn: Turn, base_url: str) -> Iterator[str]:
+        """Run the turn and yield SSE frames: stages and calls as ``event`` chunks, the answer as content
+        deltas, then the calls and artifacts, ``finish_reason`` and ``data: [DONE]``."""
+        cid, created = _completion_id(), int(time.time())
+
+        def chunk(**kw: Any) -> str:
+            return _sse(ChatCompletionChunk(id=cid, created=created, conversation_id=turn.conversation_id,
+                                            **kw).model_dump_json())
+
+        def content(text: str) -> str:
+            return chunk(choices=[ChunkChoice(delta=Delta(content=text))])
+
+        yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+        answer = _Trimmed()
+        answered = False
+        try:
+            for ev in self._events(turn):
+                if isinstance(ev, loop.StageEvent):
+                    if ev.stage != "done":  # "done" goes out with finish_reason, after the result
+                        yield chunk(event=StageEvent(stage=ev.stage))
+                elif isinstance(ev, CallEvent):
+                    yield chunk(event=CallStageEvent(call_id=ev.call_id, expert=ev.expert, stage=ev.stage,
+                                                     progress=ev.progress, message=ev.message))
+                elif isinstance(ev, loop.TextEvent):
+                    if ev.phase == "plan":
+                        yield chunk(event=PlanTextEvent(text=ev.text))
+                    else:
+                        answered = True
+                        piece = answer.feed(ev.text)
+                        if piece:
+                            yield content(piece)
+                elif isinstance(ev, loop.ChatResult):
+                    if not answered and ev.answer:  # a reply without calls is its own answer
+                        yield content(ev.answer)
+                    artifacts = self._artifacts(ev, base_url)
+                    links = self._content("", artifacts)
+                    if links or ev.calls:
+                        sep = "\n\n" if links and ev.answer else ""
+                        calls = [ToolCallDelta(index=i, **self._tool_call(c).model_dump())
+                                 for i, c in enumerate(ev.calls)]
+                        yield chunk(choices=[ChunkChoice(delta=Delta(content=sep + links if links else None,
+                                                                     tool_calls=calls or None,
+                                                                     artifacts=artifacts))])
+                    yield chunk(choices=[ChunkChoice(finish_reason="stop")], event=StageEvent(stage="done"))
+        except SwitchboardError as e:
+            yield _sse(json.dumps(error_body(e.status, e.message, e.code)))
+        except Exception as e:
+            log.exception("a streamed turn failed")
+            yield _sse(json.dumps(error_body(500, f"the turn failed: {type(e).__name__}: {e}", "internal_error")))
+        yield _sse("[DONE]")
+
+    # -- building the answer --------------------------------------------------------------------
+    def _artifacts(self, result: loop.ChatResult, base_url: str) -> list[Artifact]:
+        out = []
+        for a in result.artifacts:
+            extra: dict[str, Any] = {}
+            try:
+                meta = self.store.get(a["id"])
+                extra = {"media_type": meta.media_type, "width": meta.width, "height": meta.height}
+            except SwitchboardError:
+                pass
+            out.append(Artifact(id=a["id"], kind=a.get("kind", ""), role=a.get("role", ""),
+                                call_id=a.get("call_id"), url=f"{base_url}/v1/artifacts/{a['id']}", **extra))
+        return out
+
+    @staticmethod
+    def _content(answer: str, artifacts: list[Artifact]) -> str:
+        """The answer followed by a markdown link (images: an image link) to each artifact."""
+        links = []
+        for a in artifacts:
+            label = _alt(f"{a.role or a.kind} ({a.call_id})" if a.call_id else a.role or a.kind)
+            links.append(f"{'!' if a.kind in IMAGE_KINDS else ''}[{label}]({a.url})")
+        return "\n\n".join(p for p in (answer, "\n".join(links)) if p)
+
+    @staticmethod
+    def _tool_call(call: dict[str, Any]) -> ExecutedToolCall:
+        tc = call.get("tool_call") or {
+            "id": call["id"], "function": {"name": call["expert"], "arguments": json.dumps(call.get("args", {}))}}
+        status = call.get("status")
+        return ExecutedToolCall(
+            id=tc["id"], function=ToolCallFunction(**tc["function"]),
+            status=status if status in ("done", "failed", "skipped", "invalid") else "failed",
+            summary=call.get("summary"), error=call.get("error"),
+            artifacts=[a["id"] for a in call.get("artifacts", [])])
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+def _decode_data_uri(url: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:image/…;base64,…`` URI, with an error that says what is wrong."""
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise BadRequest("malformed data URI: expected data:image/<type>;base64,<data>")
+    media_type, *params = [p.strip().lower() for p in header.split(";")]
+    if not media_type.startswith("image/"):
+        shown = media_type or "none (text/plain)"
+        raise ImageRejected(f"unsupported content type {shown[:60]!r} in the data URI; send an image "
+                            "(PNG, JPEG, WEBP, GIF or BMP)")
+    if "base64" not in params:
+        raise BadRequest("the image data URI must be base64-encoded (data:image/<type>;base64,<data>)")
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > max_bytes + 2:
+        raise ImageTooLarge(f"image is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageRejected("the image data URI is not valid base64") from None
