@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+# The tests import switchboard_ocr from this checkout whether or not the plugin is installed (they
+# also run from the main repository's root, where this folder's pytest settings do not apply).
+PLUGIN_ROOT = str(Path(__file__).resolve().parent.parent)
+if PLUGIN_ROOT not in sys.path:
+    sys.path.insert(0, PLUGIN_ROOT)
 
 
 @pytest.fixture(autouse=True)
