@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import main as demo_main
 
-    return demo_main(out=args.out)
+    return demo_main(out=args.out, scripted=args.scripted)
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the main job on the embedded default and show what it did")
     d.add_argument("--out", type=Path, default=Path("demo-out"), help="where to write the artifacts")
+    d.add_argument("--scripted", action="store_true", help="run the scripted plan, not the core")
     d.set_defaults(func=cmd_demo)
 
     a = sub.add_parser("artifacts", help="list the artifact store, or show one artifact")

@@ -1,8 +1,8 @@
 """`make demo`: the main job on the embedded default, narrated.
 
-It grows with the product: today it runs a scripted plan on the bundled image through the
-in-process dispatcher, using the best experts that are installed (detect → crop when the detector
-ships, else crop alone). When the core lands, the demo is a real conversation.
+With the shipped core (models/core/) it is a short real conversation on the bundled image: the core
+plans, the experts run in-process, the core answers, and a second turn uses the first turn's
+artifacts. Without a core it falls back to a scripted plan through the same dispatcher.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from pathlib import Path
 
 from orchestrator.cli import run_commands
 
+TURNS = ("find the red circle", "now segment it")
+
 
 def bundled_image() -> Path:
+    """A shapes-world scene (seed 1025): a red square, a purple and an orange triangle, a red circle."""
     return Path(str(files("orchestrator") / "assets" / "demo.png"))
 
 
@@ -36,16 +39,57 @@ def scripted_plan(names: list[str]) -> tuple[str, str]:
             '<call id="c2" expert="crop" image="{image}" region="[250,250,750,750]"/>')
 
 
-def main(out: Path = Path("demo-out")) -> int:
+def conversation(out: Path) -> int:
+    """Two turns with the shipped core on the bundled image, every stage printed as it happens."""
+    from orchestrator.core.loop import ChatResult, StageEvent, build_assistant
+    from orchestrator.dispatch import CallEvent
+
+    print("Loading the core (SmolLM2-135M + vision tower + LoRA; the first run converts the base model)…",
+          flush=True)
+    assistant = build_assistant()
+    image_id = assistant.store.import_image(bundled_image().read_bytes()).id
+    conv_id = None
+    for i, text in enumerate(TURNS):
+        print(f"\nUser: {text}" + (f"   [image {image_id}]" if i == 0 else ""), flush=True)
+        result = None
+        for ev in assistant.stream(text, images=[image_id] if i == 0 else [], conversation_id=conv_id):
+            if isinstance(ev, StageEvent) and ev.stage != "done":
+                print(f"  [{ev.stage}]", flush=True)
+            elif isinstance(ev, CallEvent) and ev.stage in ("started", "done", "failed"):
+                print(f"    {ev.call_id} {ev.expert}: {ev.stage}{' — ' + ev.message if ev.message else ''}", flush=True)
+            elif isinstance(ev, ChatResult):
+                result = ev
+        assert result is not None
+        conv_id = result.conversation_id
+        if result.plan != result.answer:
+            print("  plan: " + result.plan.replace("\n", "\n        "))
+        print(f"Assistant: {result.answer}")
+        out.mkdir(parents=True, exist_ok=True)
+        for a in result.artifacts:
+            meta = assistant.store.get(a["id"])
+            ext = ".png" if meta.media_type == "image/png" else ".json"
+            target = out / f"turn{i + 1}-{a['call_id']}-{(a.get('role') or a['kind']).replace(' ', '_')}{ext}"
+            target.write_bytes(assistant.store.read_bytes(a["id"]))
+            print(f"  artifact {a['id']} -> {target}")
+    assistant.dispatcher.close()
+    print(f"\nArtifacts copied to {out.resolve()}")
+    return 0
+
+
+def main(out: Path = Path("demo-out"), scripted: bool = False) -> int:
     from experts.registry import get_registry
+    from orchestrator.settings import get_settings
 
     names = get_registry().names()
-    request, reply = scripted_plan(names)
     image = bundled_image()
     print(f"Experts available: {', '.join(names)}")
     print(f"Image: {image}")
+    s = get_settings()
+    if not scripted and (s.core_model or (s.models_dir / "core" / "config.json").exists()):
+        return conversation(out)
+    request, reply = scripted_plan(names)
     print(f"User: {request}")
-    print("Assistant (scripted plan; the trained core replaces this script):")
+    print("Assistant (scripted plan: no trained core is installed):")
     for line in reply.splitlines():
         print(f"  {line}")
     print("Running the plan in-process:")

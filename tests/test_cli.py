@@ -77,7 +77,7 @@ def test_run_refuses_corrupt_image(tmp_path: Path) -> None:
 
 
 def test_demo(tmp_path: Path) -> None:
-    proc = sb("demo", "--out", str(tmp_path / "demo"), tmp=tmp_path)
+    proc = sb("demo", "--scripted", "--out", str(tmp_path / "demo"), tmp=tmp_path)
     assert "done" in proc.stdout
     assert list((tmp_path / "demo").glob("*.png"))
 

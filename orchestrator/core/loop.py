@@ -187,3 +187,21 @@ class Assistant:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = None) -> Assistant:
+    """The assistant the settings describe: the shipped core (or ``SWITCHBOARD_CORE_MODEL``), every
+    registered expert, the artifact store, and the in-process or Celery dispatcher."""
+    from experts.registry import get_registry
+    from orchestrator.dispatch import make_dispatcher
+    from orchestrator.settings import get_settings
+
+    s = settings or get_settings()
+    registry = registry or get_registry()
+    store = ArtifactStore.from_settings(s)
+    if core is None:
+        from orchestrator.core.model import CoreModel
+
+        core = CoreModel.load(s.core_model)
+    return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
+                     max_calls=s.max_calls_per_reply)

@@ -1,0 +1,1160 @@
+"""Invocation-tuning data for the core, generated from the registry over shapes-world scenes.
+
+Nothing here is a list of final strings. A sample is *composed*: an intent (an expert's ``examples``
+entry, a multi-call chain, or a no-expert request) is phrased through interchangeable parts —
+verb synonyms, politeness frames, rambling prefixes and suffixes, file names, typos, casing — and its
+slots are filled from a real scene (its objects, referring expressions, caption). A plugin's
+``examples`` enter the data with no other change: every registered expert is a source of requests.
+
+Kinds of samples (``Sample.kind``):
+
+- ``call``: one request -> one call (from an expert's ``examples``).
+- ``chain``: one request -> several calls with ``$c1`` references (detect -> segment, segment ->
+  edit, generate -> detect, detect -> crop), for the experts that are registered.
+- ``none``: no expert is needed — chat, arithmetic, describe the attached image (from the scene's
+  caption), capabilities, things we have no expert for (said plainly), text tasks that share a verb
+  with an expert ("generate a poem"), and image requests without an image.
+- ``followup``: a second user turn about artifacts of the first ("now remove it" -> edit with the
+  mask the previous turn made).
+- ``fusion``: tool results in -> a faithful final answer out (counts, names, sizes, failures).
+
+The held-out split (``split="heldout"``) is explicit: every list of interchangeable parts below
+(frames, prefixes, suffixes, verb synonyms, chain phrasings, no-expert phrasings, and each expert's
+examples when it has four or more) is divided by position — item ``i`` is held out when
+``i % 4 == 3`` — and held-out scenes come from another dataset seed. Training never sees a
+held-out part; a held-out sample is built from at least one held-out part (its template, verb or
+frame). Requests written by people who never saw these parts live in
+``training/core_heldout_human.jsonl``.
+
+Experts that the design names but that are not registered yet (detect, segment, generate, edit)
+are stood in for by ``planned_experts()`` with the arguments agreed for them, so the shipped core
+learns their calls; a registered expert of the same name always wins (``data_registry``), and its
+own examples are used together with those of ours that validate against its ``Args``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from experts.base import (
+    EXAMPLE_SLOTS,
+    BoxesRef,
+    Example,
+    Expert,
+    ExpertResult,
+    ImageRef,
+    MaskRef,
+    artifact_fields,
+)
+from orchestrator.commands import Call, format_call, format_value
+from orchestrator.core.format import tool_turn
+
+SPLITS = ("train", "heldout")
+TRAIN_SCENE_SEED = 41_000
+HELDOUT_SCENE_SEED = 41_001
+SCENE_SIZE = 128
+# Mix of sample kinds (training and held-out alike).
+MIX = {"call": 0.36, "chain": 0.16, "none": 0.29, "followup": 0.07, "fusion": 0.12}
+
+
+def in_split(items: Sequence[Any], split: str) -> list[Any]:
+    """The items of a list of interchangeable parts that belong to ``split`` (i % 4 == 3 is held out;
+    lists shorter than 4 are shared)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if len(items) < 4:
+        return list(items)
+    return [x for i, x in enumerate(items) if (i % 4 == 3) == (split == "heldout")]
+
+
+# -- experts the design names, stood in for until they are registered ------------------------------
+_NO_MASK = "mask-000000000000000000000000"  # an example's mask: the generator supplies a real one
+
+
+@lru_cache(maxsize=1)
+def planned_experts() -> dict[str, type[Expert]]:
+    """Stand-ins (never run) for detect, segment, generate and edit, with their agreed arguments."""
+
+    class DetectArgs(BaseModel):
+        image: ImageRef
+        query: str = Field(min_length=1, max_length=200, description="What to look for.")
+        confidence: float = Field(default=0.25, ge=0.0, le=1.0, description="Minimum score.")
+
+    class DetectStandIn(Expert):
+        name = "detect"
+        description = "Find objects matching a text query; returns boxes and an overlay."
+        Args = DetectArgs
+        Result = ExpertResult
+        examples = [
+            Example(request="find the {object}", args={"image": "{image}", "query": "{object}"}),
+            Example(request="where is the {object}?", args={"image": "{image}", "query": "{object}"}),
+            Example(request="detect the {object}", args={"image": "{image}", "query": "{object}"}),
+            Example(request="is there a {object} in this picture?", args={"image": "{image}", "query": "{object}"}),
+            Example(request="locate every {object}", args={"image": "{image}", "query": "{object}"}),
+            Example(request="how many {shape}s are there?", args={"image": "{image}", "query": "{shape}"}),
+            Example(request="show me where the {object} is", args={"image": "{image}", "query": "{object}"}),
+            Example(request="how many {colour} {shape}s can you see?",
+                    args={"image": "{image}", "query": "{colour} {shape}"}),
+            Example(request="find the {object}, only if you are sure",
+                    args={"image": "{image}", "query": "{object}", "confidence": 0.6}),
+            Example(request="find anything that might be a {shape}, even if unsure",
+                    args={"image": "{image}", "query": "{shape}", "confidence": 0.1}),
+            Example(request="mark the {object} with a box", args={"image": "{image}", "query": "{object}"}),
+            Example(request="point out the {object}", args={"image": "{image}", "query": "{object}"}),
+            Example(request="count the {colour} shapes", args={"image": "{image}", "query": "{colour} shape"}),
+        ]
+
+    class SegmentArgs(BaseModel):
+        image: ImageRef
+        boxes: BoxesRef | None = Field(default=None, description="Segment inside boxes another call found.")
+        points: list[list[int]] | None = Field(default=None, description="[[x, y], …] on a 0-1000 scale.")
+        target: str | None = Field(default=None, max_length=200, description="What to segment, in words.")
+        multimask: bool = Field(default=False, description="Return several candidate masks.")
+
+        @model_validator(mode="after")
+        def _one_prompt(self) -> SegmentArgs:
+            if sum(x is not None for x in (self.boxes, self.points, self.target)) != 1:
+                raise ValueError("give exactly one of boxes, points or target")
+            return self
+
+    class SegmentStandIn(Expert):
+        name = "segment"
+        description = "Cut out objects as masks, prompted by boxes, points or a target phrase."
+        Args = SegmentArgs
+        Result = ExpertResult
+        examples = [
+            Example(request="segment the {object}", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="give me a mask of the {object}", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="outline the {object}", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="separate the {object} from the background", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="mask the {object}", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="segment whatever is in the middle", args={"image": "{image}", "points": [[500, 500]]}),
+            Example(request="mask the thing at the top left", args={"image": "{image}", "points": [[250, 250]]}),
+            Example(request="trace the outline of the {object}", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="segment the {object} and give me a few candidate masks",
+                    args={"image": "{image}", "target": "the {object}", "multimask": True}),
+            Example(request="mask the object at the bottom right", args={"image": "{image}", "points": [[750, 750]]}),
+            Example(request="select the {object} precisely", args={"image": "{image}", "target": "the {object}"}),
+            Example(request="isolate the {object}", args={"image": "{image}", "target": "the {object}"}),
+        ]
+
+    class GenerateArgs(BaseModel):
+        prompt: str = Field(min_length=1, max_length=300, description="What to draw.")
+        negative_prompt: str | None = Field(default=None, max_length=300, description="What to avoid.")
+        size: int = Field(default=64, ge=16, le=1024, description="Side in pixels.")
+        steps: int = Field(default=20, ge=1, le=200, description="Denoising steps.")
+        guidance: float = Field(default=3.0, ge=0.0, le=30.0, description="Classifier-free guidance.")
+        seed: int | None = Field(default=None, description="Random seed.")
+
+    class GenerateStandIn(Expert):
+        name = "generate"
+        description = "Draw a new image from a text prompt."
+        Args = GenerateArgs
+        Result = ExpertResult
+        examples = [
+            Example(request="draw {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="generate an image of {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="make a picture of {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="I'd like a new image showing {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="paint {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="generate {prompt} with seed 7", args={"prompt": "{prompt}", "seed": 7}),
+            Example(request="draw {prompt} without anything {colour}",
+                    args={"prompt": "{prompt}", "negative_prompt": "{colour}"}),
+            Example(request="create {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="render {prompt} at 128 pixels", args={"prompt": "{prompt}", "size": 128}),
+            Example(request="generate {prompt} quickly, 10 steps", args={"prompt": "{prompt}", "steps": 10}),
+            Example(request="sketch {prompt}", args={"prompt": "{prompt}"}),
+            Example(request="produce an image: {prompt}", args={"prompt": "{prompt}"}),
+        ]
+
+    class EditArgs(BaseModel):
+        image: ImageRef
+        mask: MaskRef
+        instruction: str = Field(min_length=1, max_length=300, description="What to do inside the mask.")
+
+    class EditStandIn(Expert):
+        name = "edit"
+        description = "Repaint the masked region of an image following an instruction."
+        Args = EditArgs
+        Result = ExpertResult
+        examples = [
+            Example(request="remove it", args={"image": "{image}", "mask": _NO_MASK, "instruction": "remove it"}),
+            Example(request="now make it {colour}", args={"image": "{image}", "mask": _NO_MASK,
+                                                          "instruction": "make it {colour}"}),
+            Example(request="erase that", args={"image": "{image}", "mask": _NO_MASK, "instruction": "remove it"}),
+            Example(request="paint it {colour}", args={"image": "{image}", "mask": _NO_MASK,
+                                                       "instruction": "make it {colour}"}),
+            Example(request="turn it into a {shape}", args={"image": "{image}", "mask": _NO_MASK,
+                                                            "instruction": "turn it into a {shape}"}),
+        ]
+
+    return {c.name: c for c in (DetectStandIn, SegmentStandIn, GenerateStandIn, EditStandIn)}
+
+
+def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
+    """The registry the data (and the eval) is generated from: the given/process registry plus
+    stand-ins for planned experts that are not registered (``planned=False`` leaves them out)."""
+    from experts.registry import Registry, get_registry
+
+    base = registry if registry is not None else get_registry()
+    reg = Registry()
+    for name in base.names():
+        reg.register(base.get_class(name), base.package_of(name))
+    if planned:
+        for name, cls in planned_experts().items():
+            if name not in reg:
+                reg.register(cls, "switchboard (planned stand-in)")
+    return reg
+
+
+def expert_examples(registry: Any, name: str) -> list[Example]:
+    """An expert's own examples, plus our stand-in's examples that validate against its ``Args``."""
+    cls = registry.get_class(name)
+    out = list(cls.examples)
+    stand = planned_experts().get(name)
+    if stand is not None and stand is not cls:
+        seen = {e.request for e in out}
+        for ex in stand.examples:
+            if ex.request in seen:
+                continue
+            try:
+                cls.Args.model_validate(ex.fill()[1])
+            except (ValidationError, KeyError, ValueError):
+                continue
+            out.append(ex)
+    return out
+
+
+# -- interchangeable parts of phrasing --------------------------------------------------------------
+# "{r}" is the request; frames marked "any" also suit questions.
+FRAMES_IMPERATIVE = [
+    "please {r}", "can you {r}?", "could you {r}?", "I'd like you to {r}", "{r} please", "would you {r}?",
+    "I need you to {r}", "{r}, thanks", "hey, {r}", "pls {r}", "could you please {r}?", "go ahead and {r}",
+    "{r} for me", "help me {r}", "can u {r}", "kindly {r}", "I want you to {r}", "ok now {r}",
+    "just {r}", "quick one: {r}", "let's {r}", "{r}, would you?", "try to {r}", "I'd appreciate it if you could {r}",
+    "{r}!", "would you mind if you {r}?", "your task: {r}", "be a dear and {r}", "{r} asap",
+    "is it possible to {r}?", "hi! {r}", "do me a favour and {r}",
+]
+FRAMES_ANY = [
+    "{r}", "hey, {r}", "{r} thanks", "ok, {r}", "so, {r}", "hello! {r}", "quick question: {r}", "um, {r}",
+    "{r} thx", "right, {r}", "hi there. {r}", "alright: {r}",
+]
+PREFIXES = [
+    "I'm putting together slides about shapes. ", "this is {file}. ", "so I have this image and ",
+    "my kid made this drawing for school. ", "attached is {file}. ", "for the report I'm writing, ",
+    "ok so basically ", "here's {file}. ", "long story short, ", "working on {file} now. ",
+    "I took this screenshot earlier. ", "about the picture I just sent: ", "context: this is for a poster. ",
+    "first time using this tool! ", "I've been staring at {file} for an hour. ", "new image for you. ",
+]
+SUFFIXES = [
+    " in {file}", " in this picture", ", it's for a presentation", " in the image", " — no rush",
+    " on the attached photo", ". I'll use the result in my slides", " in the photo I sent",
+    ", thanks in advance", " in {file} please", ". cheers", " in this one",
+]
+FILE_STEMS = ["photo", "IMG_2041", "shapes", "scan_0042", "diagram", "drawing", "picture", "test_image",
+              "holiday", "slide3", "untitled", "export", "frame_0007", "sample", "board", "capture"]
+FILE_EXTS = ["png", "jpg", "jpeg", "webp"]
+# Verb synonyms per expert (or chain key): the first matching phrase at the start of a request is
+# swapped for another of the same list and split.
+SYNONYMS: dict[str, list[str]] = {
+    "detect": ["find", "locate", "detect", "look for", "search for", "spot", "pick out", "identify",
+               "track down", "highlight", "box", "seek out"],
+    "segment": ["segment", "outline", "mask", "trace", "select", "isolate", "cut out the shape of",
+                "delineate"],
+    "crop": ["crop", "trim", "cut out", "crop out", "zoom in on", "clip"],
+    "generate": ["draw", "generate", "make", "create", "paint", "render", "produce", "sketch",
+                 "illustrate", "design", "dream up", "come up with"],
+    "remove": ["remove", "erase", "delete", "get rid of", "take out", "wipe out", "clear away", "eliminate"],
+    "recolour": ["make", "turn", "colour", "paint", "change", "recolour", "dye", "tint"],
+}
+TYPO_RATE = 0.12
+PREFIX_RATE = 0.18
+SUFFIX_RATE = 0.15
+FRAME_RATE = 0.6
+
+
+def _file(rng: random.Random) -> str:
+    return f"{rng.choice(FILE_STEMS)}.{rng.choice(FILE_EXTS)}"
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 4 or not word.isalpha():
+        return word
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.randrange(4)
+    if op == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if op == 1:
+        return word[:i] + word[i + 1:]
+    if op == 2:
+        return word[:i] + word[i] + word[i:]
+    return word[:i] + rng.choice("aeiourstln") + word[i + 1:]
+
+
+def _typos(template: str, rng: random.Random) -> str:
+    """One typo in one word that is not a ``{slot}`` (slot values stay exact)."""
+    parts = re.split(r"(\{[a-z0-9_]+\}|\s+)", template)
+    idx = [i for i, p in enumerate(parts) if p and not p.startswith("{") and len(p) >= 4 and p.isalpha()]
+    if idx:
+        i = rng.choice(idx)
+        parts[i] = _typo(parts[i], rng)
+    return "".join(parts)
+
+
+def _is_question(r: str) -> bool:
+    return r.rstrip().endswith("?") or r.split(" ", 1)[0].lower() in {
+        "where", "what", "how", "is", "are", "which", "who", "does", "do", "can", "could", "why"}
+
+
+def swap_verb(template: str, group: str | None, rng: random.Random, split: str, *, p: float = 0.7) -> str:
+    """Replace a leading verb of ``group`` by another synonym of the split (as a template), with
+    probability ``p`` — always when the verb there belongs to the other split."""
+    syn = SYNONYMS.get(group or "")
+    if not syn:
+        return template
+    low = template.lower()
+    choices = in_split(syn, split)
+    for phrase_ in sorted(syn, key=len, reverse=True):
+        if low.startswith(phrase_ + " "):
+            if phrase_ in choices and rng.random() >= p:
+                return template
+            return rng.choice(choices) + template[len(phrase_):]
+    return template
+
+
+def phrase(template: str, rng: random.Random, split: str, *, verb_group: str | None = None,
+           image: bool = True, plain: float = 0.25, frames: bool = True) -> str:
+    """Dress a request template (with ``{slots}``) in the split's phrasing parts; slots stay intact.
+
+    In the held-out split at least one part (verb or frame) comes from the held-out lists.
+    """
+    t = swap_verb(template, verb_group, rng, split)
+    question = _is_question(t)
+    pool = in_split(FRAMES_ANY if question else FRAMES_IMPERATIVE + FRAMES_ANY, split)
+    if frames and (split == "heldout" or rng.random() < FRAME_RATE and rng.random() > plain):
+        frame = rng.choice(pool)
+        if question and frame.endswith("?"):
+            frame = frame[:-1]
+        t = frame.replace("{r}", t)
+    if image and rng.random() < PREFIX_RATE:
+        t = rng.choice(in_split(PREFIXES, split)).replace("{file}", _file(rng)) + t
+    if image and rng.random() < SUFFIX_RATE:
+        suf = rng.choice(in_split(SUFFIXES, split)).replace("{file}", _file(rng))
+        m = re.search(r"[?!.]+$", t)
+        t = t[: m.start()] + suf + t[m.start():] if m else t + suf
+    if rng.random() < TYPO_RATE:
+        t = _typos(t, rng)
+    r = rng.random()
+    if r < 0.15:
+        t = t.lower()
+    elif r < 0.55:
+        t = t[:1].upper() + t[1:]
+    if rng.random() < 0.2 and not t.endswith(("?", "!", ".")):
+        t += rng.choice([".", "!", "?" if question else "."])
+    return " ".join(t.split())
+
+
+# -- scenes and slots -------------------------------------------------------------------------------
+@dataclass
+class SceneInfo:
+    """What the generator knows about a scene (pixels are rendered only when training needs them)."""
+
+    seed: int
+    caption: str
+    background: str
+    objects: list[tuple[str, str, tuple[float, float, float, float], int]]  # shape, colour, box, area
+    referring: list[tuple[str, int]]
+
+
+@lru_cache(maxsize=4096)
+def scene_info(seed: int) -> SceneInfo:
+    from training.shapes import make_scene
+
+    sc = make_scene(seed, size=SCENE_SIZE)
+    objs = [(o.shape, o.colour, tuple(o.box), o.area) for o in sc.objects]
+    return SceneInfo(seed, sc.caption, sc.background, objs, list(sc.referring))
+
+
+def scene_image(seed: int):
+    """The PIL image of a scene (what the vision tower sees)."""
+    from training.shapes import make_scene
+
+    return make_scene(seed, size=SCENE_SIZE).image
+
+
+def scene_seeds(split: str, n: int) -> list[int]:
+    from training.shapes import scene_seed
+
+    base = TRAIN_SCENE_SEED if split == "train" else HELDOUT_SCENE_SEED
+    return [scene_seed(base, i) for i in range(n)]
+
+
+def new_id(kind: str, rng: random.Random) -> str:
+    return f"{kind}-{rng.getrandbits(96):024x}"
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle", "hexagon", "star")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "hexagon": "hexagons",
+          "star": "stars", "shape": "shapes"}
+BG_WORDS = ("white", "grey", "black", "beige", "dark grey", "light grey")
+NUMBERS = ("a", "two", "three", "four")
+
+
+def _strip_article(p: str) -> str:
+    return re.sub(r"^(the|a|an)\s+", "", p.strip())
+
+
+def pick_object(scene: SceneInfo, rng: random.Random) -> tuple[str, str, str, list[int]]:
+    """(object phrase without article, colour, shape, indices of matching scene objects)."""
+    r = rng.random()
+    if r < 0.5 and scene.referring:
+        text, i = rng.choice(scene.referring)
+        shape, colour = scene.objects[i][0], scene.objects[i][1]
+        return _strip_article(text), colour, shape, [i]
+    if r < 0.85 and scene.objects:
+        shape, colour = rng.choice(scene.objects)[:2]
+        idx = [j for j, o in enumerate(scene.objects) if o[0] == shape and o[1] == colour]
+        return f"{colour} {shape}", colour, shape, idx
+    if r < 0.93 and scene.objects:
+        shape = rng.choice(scene.objects)[0]
+        idx = [j for j, o in enumerate(scene.objects) if o[0] == shape]
+        return shape, rng.choice(COLOURS), shape, idx
+    colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+    idx = [j for j, o in enumerate(scene.objects) if o[0] == shape and o[1] == colour]
+    return f"{colour} {shape}", colour, shape, idx
+
+
+def make_prompt(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """A generate prompt in shapes-world words, and the (colour, shape) things it asks for."""
+    things = []
+    parts = []
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+        c, s = rng.choice(COLOURS), rng.choice(SHAPES)
+        k = rng.choice([1, 1, 1, 2, 3])
+        things.append((c, s))
+        parts.append(f"{NUMBERS[k - 1]} {c} {s if k == 1 else PLURAL[s]}")
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if rng.random() < 0.5:
+        text += f" on a {rng.choice(BG_WORDS)} background"
+    return text, things
+
+
+@dataclass
+class Slots:
+    values: dict[str, str]
+    matches: list[int]  # scene objects the {object} slot denotes
+    prompt_things: list[tuple[str, str]] = field(default_factory=list)
+
+
+def fill_slots(scene: SceneInfo | None, image_id: str, rng: random.Random) -> Slots:
+    if scene is not None and scene.objects:
+        obj, colour, shape, idx = pick_object(scene, rng)
+    else:
+        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+        obj, idx = f"{colour} {shape}", []
+    prompt, things = make_prompt(rng)
+    c2 = rng.choice([c for c in COLOURS if c != colour])
+    s2 = rng.choice([s for s in SHAPES if s != shape])
+    values = {**EXAMPLE_SLOTS, "image": image_id, "object": obj, "colour": colour, "shape": shape,
+              "prompt": prompt, "text": rng.choice(["hello", "open", "sale", "exit", "stop", "42"]),
+              "instruction": rng.choice([f"make it {c2}", "remove it", f"turn it into a {s2}"]),
+              "colour2": c2, "shape2": s2}
+    return Slots(values, idx, things)
+
+
+def _fmt(template: str, values: dict[str, str]) -> str:
+    return string.Formatter().vformat(template, (), _SafeDict(values))
+
+
+class _SafeDict(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+# -- samples ----------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One training/eval conversation: ``messages`` (the prompt), the target ``answer``, the images
+    (artifact id -> scene seed), and the gold ``calls`` ([{"id", "expert", "args"}]; empty = none)."""
+
+    kind: str
+    messages: list[dict]
+    answer: str
+    images: dict[str, int]
+    calls: list[dict] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)  # fusion: what a faithful answer must state
+    source: str = ""
+    split: str = "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def canonical_args(cls: type[Expert], args: dict[str, Any]) -> dict[str, str]:
+    """Arguments as written in a command: the ``Args`` field order, values as text."""
+    order = list(_field_order(cls))
+    keys = sorted(args, key=lambda k: order.index(k) if k in order else len(order))
+    return {k: format_value(args[k]) for k in keys}
+
+
+def calls_text(calls: list[dict]) -> str:
+    """The assistant's plan: one canonical ``<call …/>`` per line."""
+    return "\n".join(format_call(Call(c["id"], c["expert"], dict(c["args"]))) for c in calls)
+
+
+def _user(content: str, image_id: str | None) -> dict:
+    msg: dict[str, Any] = {"role": "user", "content": content}
+    if image_id:
+        msg["images"] = [image_id]
+    return msg
+
+
+@lru_cache(maxsize=256)
+def _kinds(cls: type[Expert]) -> dict[str, str]:
+    return artifact_fields(cls.Args)
+
+
+@lru_cache(maxsize=256)
+def _field_order(cls: type[Expert]) -> tuple[str, ...]:
+    return tuple(cls.Args.model_fields)
+
+
+def _needs_image(cls: type[Expert]) -> bool:
+    return "image" in _kinds(cls).values()
+
+
+def _extra_artifacts(cls: type[Expert], args: dict[str, Any]) -> dict[str, str]:
+    """Artifact arguments of an example that are not the attached image (e.g. an edit's mask)."""
+    kinds = _kinds(cls)
+    return {k: kinds[k] for k, v in args.items() if k in kinds and v != "{image}"}
+
+
+class Generator:
+    """Composes samples from a registry. ``generate(n)`` gives a deterministic list for a seed/split."""
+
+    def __init__(self, registry: Any = None, *, split: str = "train", seed: int = 0, n_scenes: int = 400,
+                 planned: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.registry = data_registry(registry, planned=planned)
+        self.split = split
+        self.rng = random.Random(f"{split}:{seed}")
+        self.scenes = scene_seeds(split, n_scenes)
+        self.examples = {n: in_split(expert_examples(self.registry, n), self.split) for n in self.registry.names()}
+        self._intents = [(n, ex) for n, exs in self.examples.items() for ex in exs
+                         if not _extra_artifacts(self.registry.get_class(n), ex.args)]
+
+    # -- helpers --------------------------------------------------------------------------------
+    def has(self, *names: str) -> bool:
+        return all(n in self.registry for n in names)
+
+    def _scene(self) -> tuple[int, SceneInfo]:
+        seed = self.rng.choice(self.scenes)
+        return seed, scene_info(seed)
+
+    def _call(self, cid: str, expert: str, args: dict[str, Any]) -> dict:
+        cls = self.registry.get_class(expert)
+        return {"id": cid, "expert": expert, "args": canonical_args(cls, args)}
+
+    def _single_intents(self) -> list[tuple[str, Example]]:
+        """(expert, example) pairs that need nothing but the attached image (or nothing at all)."""
+        return self._intents
+
+    # -- kinds ----------------------------------------------------------------------------------
+    def sample_call(self) -> Sample | None:
+        intents = self._single_intents()
+        if not intents:
+            return None
+        # every expert equally often, whatever its number of examples
+        name = self.rng.choice(sorted({n for n, _ in intents}))
+        ex = self.rng.choice([e for n, e in intents if n == name])
+        cls = self.registry.get_class(name)
+        image = _needs_image(cls) or "{image}" in ex.request
+        seed, scene = self._scene()
+        img = new_id("image", self.rng)
+        slots = fill_slots(scene, img, self.rng)
+        group = name if name in SYNONYMS else None
+        attach = image or self.rng.random() < 0.3  # generate requests sometimes come with an image
+        req = _fmt(phrase(ex.request, self.rng, self.split, verb_group=group, image=image), slots.values)
+        _, args = Example(request=ex.request, args=ex.args).fill(**slots.values)
+        call = self._call("c1", name, args)
+        return Sample("call", [_user(req, img if attach else None)], calls_text([call]),
+                      {img: seed} if attach else {}, [call], source=f"{name}:{ex.request}", split=self.split)
+
+    def sample_chain(self) -> Sample | None:
+        chains = [c for c in CHAINS if self.has(*c.experts)]
+        if not chains:
+            return None
+        ch = self.rng.choice(chains)
+        seed, scene = self._scene()
+        img = new_id("image", self.rng)
+        slots = fill_slots(scene, img, self.rng)
+        if ch.uses_prompt_object and slots.prompt_things:
+            c, s = self.rng.choice(slots.prompt_things)
+            slots.values.update(object=f"{c} {s}", colour=c, shape=s)
+        template = self.rng.choice(in_split(ch.requests, self.split))
+        req = _fmt(phrase(template, self.rng, self.split, verb_group=ch.verbs, image=ch.image), slots.values)
+        calls = [self._call(f"c{i + 1}", e, {k: _fmt(v, slots.values) if isinstance(v, str) else v
+                                             for k, v in a.items()})
+                 for i, (e, a) in enumerate(ch.calls)]
+        return Sample("chain", [_user(req, img if ch.image else None)], calls_text(calls),
+                      {img: seed} if ch.image else {}, calls, source="chain:" + template, split=self.split)
+
+    def sample_none(self) -> Sample:
+        rng = self.rng
+        kinds = [k for k in NONE_KINDS if k.available(self)]
+        kind = rng.choices(kinds, weights=[k.weight for k in kinds])[0]
+        return kind.make(self)
+
+    def sample_followup(self) -> Sample | None:
+        flows = [f for f in FOLLOWUPS if self.has(*f.experts)]
+        edit_like = [(n, ex) for n, exs in self.examples.items() for ex in exs
+                     if _extra_artifacts(self.registry.get_class(n), ex.args)]
+        if not flows and not edit_like:
+            return None
+        rng = self.rng
+        seed, scene = self._scene()
+        img = new_id("image", rng)
+        slots = fill_slots(scene, img, rng)
+        if edit_like and (not flows or rng.random() < 0.35):
+            name, ex = rng.choice(edit_like)
+            extra = _extra_artifacts(self.registry.get_class(name), ex.args)
+            first = _producer_for(self, set(extra.values()))
+            if first is None:
+                return None
+            f = FollowUp((first[0], name), first[1], first[2], [ex.request], [(name, dict(ex.args))])
+        else:
+            f = rng.choice(flows)
+        if f.experts[0] == "generate" and slots.prompt_things:
+            c, s = rng.choice(slots.prompt_things)
+            slots.values.update(colour=c, shape=s, object=f"{c} {s}")
+        # turn 1: a request that made an artifact, its result, and the answer
+        req1 = _fmt(phrase(rng.choice(in_split(f.first_requests, self.split)), rng, self.split,
+                           image=f.image), slots.values)
+        first_call = self._call("c1", f.experts[0], {k: _fmt(v, slots.values) if isinstance(v, str) else v
+                                                     for k, v in f.first_args.items()})
+        outcome = simulate(self, first_call, scene, slots, {"image": img})
+        answer1 = fusion_answer([first_call], [outcome])[0]
+        produced = {a["kind"]: a["id"] for a in outcome["artifacts"]}
+        values = dict(slots.values)
+        for kind, aid in produced.items():
+            values[f"@{kind}"] = aid
+        template = rng.choice(in_split(f.next_requests, self.split))
+        req2 = _fmt(phrase(template, rng, self.split, image=False, plain=0.5), values)
+        calls = []
+        for i, (e, a) in enumerate(f.next_calls):
+            kinds = _kinds(self.registry.get_class(e))
+            args = {}
+            for k, v in a.items():
+                if k in kinds and isinstance(v, str) and not v.startswith("$") and v != "{image}":
+                    v = produced.get(kinds[k]) or produced.get("image") or img  # the artifact of turn 1
+                elif k in kinds and v == "{image}" and f.experts[0] == "generate":
+                    v = produced.get("image", img)
+                args[k] = _fmt(v, values) if isinstance(v, str) else v
+            calls.append(self._call(f"c{i + 1}", e, args))
+        messages = [_user(req1, img if f.image else None), {"role": "assistant", "content": calls_text([first_call])},
+                    {"role": "tool", "content": tool_turn([outcome])}, {"role": "assistant", "content": answer1},
+                    _user(req2, None)]
+        return Sample("followup", messages, calls_text(calls), {img: seed} if f.image else {}, calls,
+                      source="followup:" + template, split=self.split)
+
+    def sample_fusion(self) -> Sample | None:
+        rng = self.rng
+        base = self.sample_chain() if rng.random() < 0.35 else self.sample_call()
+        if base is None or not base.calls:
+            return None
+        img = next(iter(base.images), None)
+        seed = base.images.get(img) if img else self.rng.choice(self.scenes)
+        scene = scene_info(seed)
+        slots = Slots({}, [])
+        outcomes = []
+        made: dict[str, dict[str, str]] = {}
+        failed = rng.random() < 0.15
+        for i, call in enumerate(base.calls):
+            if failed and i == 0:
+                outcomes.append({"call_id": call["id"], "expert": call["expert"], "status": "failed",
+                                 "error": rng.choice(FAILURES), "artifacts": []})
+                continue
+            if outcomes and outcomes[0]["status"] != "done":
+                outcomes.append({"call_id": call["id"], "expert": call["expert"], "status": "skipped",
+                                 "error": f"depends on {base.calls[0]['id']}, which failed", "artifacts": []})
+                continue
+            outcomes.append(simulate(self, call, scene, slots, {"image": img} if img else {}, made))
+            made[call["id"]] = {a["kind"]: a["id"] for a in outcomes[-1]["artifacts"]}
+        answer, facts = fusion_answer(base.calls, outcomes)
+        messages = base.messages + [{"role": "assistant", "content": base.answer},
+                                    {"role": "tool", "content": tool_turn(outcomes)}]
+        return Sample("fusion", messages, answer, base.images, [], facts, source="fusion:" + base.source,
+                      split=self.split)
+
+    def sample(self, kind: str | None = None) -> Sample:
+        """One sample of ``kind`` (drawn from MIX when None); kinds the registry cannot make fall back."""
+        kinds = list(MIX)
+        for _ in range(20):
+            k = kind or self.rng.choices(kinds, weights=[MIX[x] for x in kinds])[0]
+            s = getattr(self, f"sample_{k}")()
+            if s is not None:
+                return s
+            kind = None
+        return self.sample_none()
+
+    def generate(self, n: int, kind: str | None = None) -> list[Sample]:
+        return [self.sample(kind) for _ in range(n)]
+
+
+def generate(n: int, *, split: str = "train", seed: int = 0, registry: Any = None,
+             kind: str | None = None) -> list[Sample]:
+    """``n`` samples of a split (deterministic for a seed); see ``Generator``."""
+    return Generator(registry, split=split, seed=seed).generate(n, kind)
+
+
+# -- chains and follow-ups --------------------------------------------------------------------------
+@dataclass
+class Chain:
+    """A multi-call intent: the experts it needs, its phrasings, and its calls (``$cN`` references)."""
+
+    experts: tuple[str, ...]
+    requests: list[str]
+    calls: list[tuple[str, dict[str, Any]]]
+    verbs: str | None = None
+    image: bool = True
+    uses_prompt_object: bool = False
+
+
+_IMG = "{image}"
+CHAINS = [
+    Chain(("detect", "segment"),
+          ["find the {object} and outline it", "locate the {object}, then segment it",
+           "detect the {object} and give me its mask", "find every {object} and mask them",
+           "find the {object} and cut it out as a mask", "detect the {object} and then segment what you found",
+           "look for the {object} and make a mask of it", "first find the {object}, then outline it precisely"],
+          [("detect", {"image": _IMG, "query": "{object}"}), ("segment", {"image": _IMG, "boxes": "$c1"})]),
+    Chain(("segment", "edit"),
+          ["remove the {object}", "erase the {object} from the picture", "get rid of the {object}",
+           "delete the {object}", "take the {object} out of the image", "make the {object} disappear",
+           "remove the {object} and fill in the background", "wipe out the {object}"],
+          [("segment", {"image": _IMG, "target": "the {object}"}),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "remove it"})], verbs="remove"),
+    Chain(("segment", "edit"),
+          ["make the {object} {colour2}", "turn the {object} {colour2}", "colour the {object} {colour2}",
+           "change the {object} to {colour2}", "paint the {object} {colour2}",
+           "recolour the {object} in {colour2}", "I want the {object} to be {colour2}",
+           "switch the colour of the {object} to {colour2}"],
+          [("segment", {"image": _IMG, "target": "the {object}"}),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "make it {colour2}"})], verbs="recolour"),
+    Chain(("segment", "edit"),
+          ["replace the {object} with a {colour2} {shape2}", "swap the {object} for a {colour2} {shape2}",
+           "turn the {object} into a {colour2} {shape2}", "put a {colour2} {shape2} where the {object} is",
+           "exchange the {object} with a {colour2} {shape2}"],
+          [("segment", {"image": _IMG, "target": "the {object}"}),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "replace it with a {colour2} {shape2}"})]),
+    Chain(("generate", "detect"),
+          ["draw {prompt} and then find the {object} in it", "generate {prompt}, then locate the {object}",
+           "make a picture of {prompt} and detect the {object}", "create {prompt} and show me where the {object} is",
+           "paint {prompt}, then box the {object}"],
+          [("generate", {"prompt": "{prompt}"}), ("detect", {"image": "$c1", "query": "{object}"})],
+          verbs="generate", image=False, uses_prompt_object=True),
+    Chain(("detect", "crop"),
+          ["crop out the {object}", "crop the picture to the {object}", "find the {object} and crop it",
+           "give me a close-up of the {object}", "cut the {object} out into its own image",
+           "zoom in on the {object}", "crop around the {object}", "make a crop of each {object}",
+           "frame the {object} tightly"],
+          [("detect", {"image": _IMG, "query": "{object}"}), ("crop", {"image": _IMG, "boxes": "$c1"})]),
+    Chain(("generate", "segment"),
+          ["draw {prompt} and give me a mask of the {object}", "generate {prompt}, then segment the {object}",
+           "make {prompt} and outline the {object} in it", "create {prompt} and then mask the {object}"],
+          [("generate", {"prompt": "{prompt}"}), ("segment", {"image": "$c1", "target": "the {object}"})],
+          verbs="generate", image=False, uses_prompt_object=True),
+]
+
+
+@dataclass
+class FollowUp:
+    """Turn 1 makes an artifact; turn 2 refers to it ("now remove it"). ``{image}`` in turn 2's
+    artifact arguments means the attached image (or, after generate, the generated one); other
+    artifact arguments take the artifact of that kind that turn 1 made."""
+
+    experts: tuple[str, ...]
+    first_args: dict[str, Any]
+    first_requests: list[str]
+    next_requests: list[str]
+    next_calls: list[tuple[str, dict[str, Any]]]
+    image: bool = True
+
+    @property
+    def first_expert(self) -> str:
+        return self.experts[0]
+
+
+FOLLOWUPS = [
+    FollowUp(("segment", "edit"), {"image": _IMG, "target": "the {object}"},
+             ["segment the {object}", "mask the {object}", "outline the {object}", "select the {object}"],
+             ["now remove it", "remove it", "erase that", "now get rid of it", "delete it from the image",
+              "ok, take it out", "great, now remove it please", "can you erase it?"],
+             [("edit", {"image": _IMG, "mask": "@", "instruction": "remove it"})]),
+    FollowUp(("segment", "edit"), {"image": _IMG, "target": "the {object}"},
+             ["segment the {object}", "give me a mask of the {object}", "isolate the {object}", "mask the {object}"],
+             ["now make it {colour2}", "make it {colour2}", "turn it {colour2}", "paint it {colour2}",
+              "change its colour to {colour2}", "ok, now colour it {colour2}", "can it be {colour2} instead?",
+              "recolour it {colour2}"],
+             [("edit", {"image": _IMG, "mask": "@", "instruction": "make it {colour2}"})]),
+    FollowUp(("detect", "crop"), {"image": _IMG, "query": "{object}"},
+             ["find the {object}", "detect the {object}", "where is the {object}?", "locate the {object}"],
+             ["crop it", "now crop that", "zoom in on it", "crop them out", "cut it out into a new image",
+              "can you crop to it?", "give me a close-up of that", "crop around what you found"],
+             [("crop", {"image": _IMG, "boxes": "@"})]),
+    FollowUp(("detect", "segment"), {"image": _IMG, "query": "{object}"},
+             ["find the {object}", "detect the {object}", "locate the {object}", "look for the {object}"],
+             ["now segment it", "outline them", "mask it", "now give me the mask", "segment what you found",
+              "can you outline it too?", "and mask those", "make masks for them"],
+             [("segment", {"image": _IMG, "boxes": "@"})]),
+    FollowUp(("generate", "detect"), {"prompt": "{prompt}"},
+             ["draw {prompt}", "generate {prompt}", "make a picture of {prompt}", "create {prompt}"],
+             ["now find the {colour} {shape} in it", "where is the {colour} {shape}?",
+              "detect the {colour} {shape} there", "locate the {colour} {shape} in that picture",
+              "find the {colour} {shape} in the new image", "is there a {colour} {shape} in it?",
+              "find the {colour} {shape}", "can you spot the {colour} {shape}?"],
+             [("detect", {"image": _IMG, "query": "{colour} {shape}"})], image=False),
+    FollowUp(("generate", "crop"), {"prompt": "{prompt}"},
+             ["draw {prompt}", "generate {prompt}", "paint {prompt}", "create {prompt}"],
+             ["crop the left half of it", "now crop its left half", "keep only the left half",
+              "cut it down to the left half", "crop it to the left half please"],
+             [("crop", {"image": _IMG, "region": [0, 0, 500, 1000]})], image=False),
+]
+
+
+def _producer_for(gen: Generator, kinds: set[str]) -> tuple[str, dict[str, Any], list[str]] | None:
+    """A first turn that makes an artifact of one of ``kinds`` (for examples that need one)."""
+    for f in FOLLOWUPS:
+        if f.experts[0] in gen.registry and PRODUCES.get(f.experts[0], set()) & kinds:
+            return f.experts[0], f.first_args, f.first_requests
+    return None
+
+
+PRODUCES = {"detect": {"boxes", "overlay"}, "segment": {"mask", "overlay"}, "generate": {"image"},
+            "edit": {"image"}, "crop": {"image"}}
+
+
+# -- simulated results and faithful answers ---------------------------------------------------------
+FAILURES = ["timed out after 60 s", "the worker is not responding", "the image could not be decoded",
+            "out of memory", "the model failed to load", "the queue is full, try again later"]
+
+
+def _plural(phrase_: str, n: int) -> str:
+    if n == 1:
+        return phrase_
+    words = phrase_.split()
+    if words and words[-1] in PLURAL:
+        words[-1] = PLURAL[words[-1]]
+        return " ".join(words)
+    if words and not words[-1].endswith("s"):
+        return phrase_ + "s"
+    return phrase_
+
+
+def _matches(scene: SceneInfo, query: str) -> list[int]:
+    """Scene objects a query denotes (referring expression, colour/shape words)."""
+    q = _strip_article(query.lower())
+    for text, i in scene.referring:
+        if _strip_article(text) == q:
+            return [i]
+    words = set(re.findall(r"[a-z]+", q))
+    words |= {s for s, p in PLURAL.items() if p in words}
+    cols = words & set(COLOURS)
+    shapes = words & set(SHAPES)
+    if not cols and not shapes:
+        return []
+    return [j for j, o in enumerate(scene.objects)
+            if (not cols or o[1] in cols) and (not shapes or o[0] in shapes)]
+
+
+def _where(box: tuple[float, float, float, float]) -> str:
+    cx, cy = (box[0] + box[2]) / 2 / SCENE_SIZE, (box[1] + box[3]) / 2 / SCENE_SIZE
+    v = "top" if cy < 0.38 else "bottom" if cy > 0.62 else ""
+    h = "left" if cx < 0.38 else "right" if cx > 0.62 else ""
+    return f"{v} {h}".strip() or "centre"
+
+
+def simulate(gen: Generator, call: dict, scene: SceneInfo, slots: Slots, ctx: dict[str, str],
+             made: dict[str, dict[str, str]] | None = None) -> dict:
+    """A plausible outcome of a call on a scene (what a tool turn would show), from ground truth."""
+    rng = gen.rng
+    e, a = call["expert"], call["args"]
+    out: dict[str, Any] = {"call_id": call["id"], "expert": e, "status": "done", "artifacts": []}
+
+    def art(kind: str, role: str = "") -> None:
+        out["artifacts"].append({"id": new_id(kind, rng), "kind": kind, "role": role or kind})
+
+    if e == "detect":
+        q = a.get("query", "object")
+        generated = not a.get("image", "").startswith("image-")
+        idx = [] if generated else _matches(scene, q)
+        n = rng.randint(0, 2) if generated else len(idx)
+        if n == 0:
+            out["summary"] = rng.choice([f"no {q} found", f"0 matches for '{q}'", f"found 0 {_plural(q, 2)}"])
+        else:
+            style = rng.randrange(3)
+            if style == 0:
+                out["summary"] = f"found {n} {_plural(q, n)}"
+            elif style == 1 and not generated:
+                wh = ", ".join(_where(scene.objects[i][2]) for i in idx) if idx and idx[0] < len(scene.objects) else ""
+                out["summary"] = f"{n} {_plural(q, n)} ({wh})" if wh else f"{n} {_plural(q, n)}"
+            else:
+                out["summary"] = f"{n} match{'es' if n != 1 else ''} for '{q}', best score 0.{rng.randint(55, 98)}"
+        art("boxes")
+        art("overlay")
+        out["_n"] = n
+        out["_q"] = q
+    elif e == "segment":
+        what = a.get("target") or ("the boxes" if a.get("boxes") else "the selected point")
+        pct = rng.randint(2, 30)
+        k = rng.randint(2, 3) if a.get("multimask") == "true" else 1
+        out["summary"] = (f"{k} masks of {what}" if k > 1 else rng.choice(
+            [f"mask of {what}, {pct}% of the image", f"segmented {what} ({pct}% of the image)"]))
+        for i in range(k):
+            art("mask", f"mask {i + 1}" if k > 1 else "mask")
+        art("overlay")
+        out["_what"], out["_pct"], out["_k"] = what, pct, k
+    elif e == "crop":
+        w = rng.choice([64, 96, 128, 256, 512])
+        n = rng.randint(1, 3) if a.get("boxes") else 1
+        sizes = ", ".join(f"{rng.randint(16, w)}x{rng.randint(16, w)}" for _ in range(n))
+        out["summary"] = f"{n} crop(s) of {w}x{w} image: {sizes}"
+        for i in range(n):
+            art("image", f"crop {i + 1}")
+        out["_n"], out["_sizes"] = n, sizes
+    elif e == "generate":
+        size = a.get("size", "64")
+        out["summary"] = f"generated a {size}x{size} image of '{a.get('prompt', '')}'"
+        art("image", "generated")
+        out["_prompt"] = a.get("prompt", "")
+    elif e == "edit":
+        out["summary"] = f"edited the masked region: {a.get('instruction', '')}"
+        art("image", "edited")
+        out["_instr"] = a.get("instruction", "")
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in a.items() if not str(v).startswith(("image-", "$")))
+        out["summary"] = rng.choice([f"{e} finished ({shown})" if shown else f"{e} finished",
+                                     f"result: {rng.choice(['OK', 'SALE', 'open', '3 items', 'exit'])}"])
+        if rng.random() < 0.5:
+            art("text")
+    return out
+
+
+def fusion_answer(calls: list[dict], outcomes: list[dict]) -> tuple[str, list[str]]:
+    """A faithful final answer from tool outcomes, and the facts it states (numbers, names, failure)."""
+    parts, facts = [], []
+    for call, o in zip(calls, outcomes, strict=True):
+        e = call["expert"]
+        if o["status"] == "failed":
+            parts.append(f"Sorry, the {e} step failed: {o['error']}.")
+            facts += ["fail"]
+            continue
+        if o["status"] == "skipped":
+            continue
+        if e == "detect":
+            n, q = o.get("_n", 0), o.get("_q", "")
+            parts.append(f"I found {n} {_plural(q, n)}." if n else f"I couldn't find any {_plural(q, 2)}.")
+            facts += [str(n) if n else "n't", q.split()[-1] if q else ""]
+        elif e == "segment":
+            k, what = o.get("_k", 1), o.get("_what", "")
+            if k > 1:
+                parts.append(f"Here are {k} candidate masks of {what}.")
+                facts += [str(k)]
+            else:
+                parts.append(f"Here is the mask of {what}." if "%" not in o["summary"] else
+                             f"Here is the mask of {what}; it covers {o.get('_pct')}% of the image.")
+                facts += [str(o.get("_pct"))] if "%" in o["summary"] else []
+        elif e == "crop":
+            n = o.get("_n", 1)
+            parts.append(f"Done: {n} crop{'s' if n != 1 else ''} ({o.get('_sizes')}).")
+            facts += [str(n)]
+        elif e == "generate":
+            parts.append(f"Here is the image I made: {o.get('_prompt')}.")
+            facts += [o.get("_prompt", "").split()[-1]] if o.get("_prompt") else []
+        elif e == "edit":
+            parts.append(f"Done: I edited the image ({o.get('_instr')}).")
+        else:
+            parts.append(f"The {e} expert says: {o['summary']}.")
+    for o in outcomes:
+        for k in [k for k in o if k.startswith("_")]:
+            del o[k]
+    text = " ".join(parts) or "Done."
+    return text.replace("..", "."), [f for f in facts if f]
+
+
+# -- requests that need no expert -------------------------------------------------------------------
+@dataclass
+class NoneKind:
+    """A family of no-expert requests: when it applies, how often, and how a sample is made."""
+
+    name: str
+    weight: float
+    make: Callable[[Generator], Sample]
+    needs: tuple[str, ...] = ()
+
+    def available(self, gen: Generator) -> bool:
+        return all(n in gen.registry for n in self.needs)
+
+
+def _experts_line(gen: Generator) -> str:
+    return ", ".join(gen.registry.names())
+
+
+CHAT = {
+    "greet": (["hi", "hello", "hey there", "good morning", "hiya", "hello, anyone there?", "yo", "greetings",
+               "good evening", "hi!", "howdy", "hey"],
+              ["Hello! Attach an image and tell me what you need. I can use: {experts}."]),
+    "thanks": (["thanks", "thank you so much", "cool, thanks", "great, thank you!", "thx", "perfect, thanks",
+                "awesome", "that's great", "nice work", "ty", "much appreciated", "brilliant"],
+               ["You're welcome!", "Glad I could help!"]),
+    "bye": (["bye", "see you later", "that's all for now", "goodbye", "i'm done", "cya", "ok that's it",
+             "talk later"], ["Goodbye!"]),
+    "how": (["how are you?", "how's it going?", "are you there?", "how are you doing today?", "you ok?",
+             "what's up?", "are you a robot?", "who are you?"],
+            ["I'm Switchboard, an image assistant. How can I help?"]),
+    "help": (["what can you do?", "help", "which tools do you have?", "what experts are available?",
+              "list your abilities", "what are you able to do?", "show me the commands", "what do you support?",
+              "how do I use you?", "what kind of things can you do with images?", "capabilities?",
+              "tell me what you can do"],
+             ["I can use these experts: {experts}. Attach an image and tell me what you need."]),
+}
+DESCRIBE = ["describe the image", "what's in this picture?", "what do you see?", "tell me about this image",
+            "caption this", "what is this?", "what shapes are in it?", "give me a short description of the photo",
+            "describe what you see", "what does the picture show?", "summarise this image in one sentence",
+            "what's going on in this image?", "write a caption for it", "explain what is in the image",
+            "what objects are there?", "can you describe it?"]
+BACKGROUND = ["what colour is the background?", "what's the background like?", "describe the background",
+              "is the background plain?", "what is behind the shapes?", "tell me about the background"]
+# Things we have no expert for: (what it is, phrasings, names of experts that would cover it).
+UNSUPPORTED = [
+    ("depth estimation", ["estimate the depth of this image", "make a depth map", "create a depth image",
+                          "how far away is each object?", "give me a depth estimate",
+                          "generate a depth map of the scene", "compute the distance to the camera",
+                          "produce a disparity map"], {"depth"}),
+    ("reading text", ["extract the text", "read the text in this image", "what does the sign say?",
+                      "transcribe the writing", "OCR this please", "copy out the words in the picture",
+                      "what is written here?", "find the text and read it"], {"ocr", "read_text"}),
+    ("upscaling", ["upscale this to 4k", "increase the resolution", "make it sharper and bigger",
+                   "enhance the image quality", "super-resolve this", "make this picture high-res"], {"upscale"}),
+    ("translation", ["translate this to French", "how do you say circle in German?",
+                     "translate 'red square' into Spanish", "what is this in Japanese?"], {"translate"}),
+    ("video", ["make a video of the shapes moving", "animate this image", "turn it into a gif",
+               "create a short clip of a spinning star", "generate a video"], {"video", "animate"}),
+    ("audio", ["read this aloud", "transcribe this audio", "play a sound", "make a song about circles",
+               "convert this to speech"], {"speech", "tts", "audio"}),
+    ("face recognition", ["who is this person?", "recognise the faces", "identify the people in the photo",
+                          "whose face is this?"], {"face"}),
+    ("3D", ["turn this into a 3D model", "make a 3D mesh of the star", "reconstruct the scene in 3D",
+            "give me an STL file of the hexagon"], {"mesh", "reconstruct3d"}),
+    ("web search", ["search the web for shape facts", "look up the weather", "google this image",
+                    "find similar images online", "what's the news today?"], {"search", "web"}),
+    ("email", ["email this to my boss", "send the picture to alice@example.com", "post this on twitter",
+               "share it with my team"], {"email"}),
+    ("classification of real photos", ["what breed is this dog?", "what species of bird is this?",
+                                       "what car model is that?", "is this mushroom poisonous?"], {"classify"}),
+]
+TEXT_TASKS = ["find me a recipe for pancakes", "generate a poem about cats", "segment this sentence into words",
+              "detect the language of 'bonjour'", "what is crop rotation?", "edit my essay for grammar",
+              "draw conclusions from these numbers: 3, 5, 8", "make a list of fruits", "create a strong password",
+              "write a story about a triangle", "remove duplicates from: a, b, a, c", "find the bug in my code",
+              "generate a name for my startup", "crop yields in 2020?", "make a plan for my week",
+              "segment my customers by age", "detect sarcasm in: 'great, just great'", "edit this sentence: i has a cat",
+              "draw me a map in words", "create a shopping list", "find the square root of 81",
+              "generate ideas for a birthday party", "mask my IP address", "remove the last word: hello big world",
+              "outline an essay about climate", "locate the nearest pharmacy", "create an account for me",
+              "render this markdown", "paint me a picture with words", "crop the text to 10 words: one two three"]
+NO_IMAGE = ["Please attach an image first, then I can do that.", "I need an image for that: please attach one."]
+
+
+def _none_sample(gen: Generator, content: str, answer: str, source: str, *, image: bool) -> Sample:
+    img = new_id("image", gen.rng) if image else None
+    seed = gen.rng.choice(gen.scenes)
+    return Sample("none", [_user(content, img)], answer, {img: seed} if img else {}, [], source=source,
+                  split=gen.split)
+
+
+def _make_chat(gen: Generator) -> Sample:
+    rng = gen.rng
+    key = rng.choice(sorted(CHAT))
+    reqs, answers = CHAT[key]
+    req = phrase(rng.choice(in_split(reqs, gen.split)), rng, gen.split, image=False, frames=False)
+    ans = rng.choice(answers).replace("{experts}", _experts_line(gen))
+    return _none_sample(gen, req, ans, f"chat:{key}", image=rng.random() < 0.25)
+
+
+def _make_describe(gen: Generator) -> Sample:
+    rng = gen.rng
+    seed, scene = gen._scene()
+    img = new_id("image", rng)
+    if rng.random() < 0.75:
+        req = phrase(rng.choice(in_split(DESCRIBE, gen.split)), rng, gen.split)
+        ans = f"The image shows {scene.caption}."
+    else:
+        req = phrase(rng.choice(in_split(BACKGROUND, gen.split)), rng, gen.split)
+        ans = f"It is a {scene.background}."
+    return Sample("none", [_user(req, img)], ans, {img: seed}, [], source="describe", split=gen.split)
+
+
+def _make_unsupported(gen: Generator) -> Sample:
+    rng = gen.rng
+    items = [u for u in UNSUPPORTED if not (u[2] & set(gen.registry.names()))]
+    what, reqs, _ = rng.choice(items)
+    req = phrase(rng.choice(in_split(reqs, gen.split)), rng, gen.split)
+    ans = f"Sorry, I can't help with {what}: I have no expert for it. I can use: {_experts_line(gen)}."
+    return _none_sample(gen, req, ans, f"unsupported:{what}", image=rng.random() < 0.7)
+
+
+def _make_text_task(gen: Generator) -> Sample:
+    rng = gen.rng
+    req = phrase(rng.choice(in_split(TEXT_TASKS, gen.split)), rng, gen.split, image=False)
+    ans = f"That is not an image task, and I only work with images. I can use: {_experts_line(gen)}."
+    return _none_sample(gen, req, ans, "text_task", image=rng.random() < 0.35)
+
+
+def _make_arithmetic(gen: Generator) -> Sample:
+    rng = gen.rng
+    a, b = rng.randint(1, 60), rng.randint(1, 40)
+    op = rng.choice(["+", "-", "*"])
+    val = a + b if op == "+" else a - b if op == "-" else a * b
+    word = {"+": "plus", "-": "minus", "*": "times"}[op]
+    forms = ["what is {a} {op} {b}?", "{a} {op} {b} = ?", "compute {a} {w} {b}", "how much is {a} {w} {b}?",
+             "calculate {a}{op}{b}", "what's {a} {w} {b}", "quick maths: {a} {op} {b}", "{a} {w} {b}?"]
+    req = rng.choice(in_split(forms, gen.split)).format(a=a, b=b, op=op, w=word)
+    return _none_sample(gen, req, f"{a} {op} {b} = {val}.", "arithmetic", image=False)
+
+
+def _make_no_image(gen: Generator) -> Sample | None:
+    rng = gen.rng
+    intents = [(n, e) for n, e in gen._single_intents() if _needs_image(gen.registry.get_class(n))]
+    if not intents:
+        return _make_chat(gen)
+    name, ex = rng.choice(intents)
+    slots = fill_slots(None, "", rng)
+    req = _fmt(phrase(ex.request, rng, gen.split, verb_group=name if name in SYNONYMS else None, image=False),
+               slots.values)
+    return _none_sample(gen, req, rng.choice(NO_IMAGE), f"no_image:{name}", image=False)
+
+
+NONE_KINDS = [
+    NoneKind("chat", 0.16, _make_chat),
+    NoneKind("describe", 0.2, _make_describe),
+    NoneKind("unsupported", 0.26, _make_unsupported),
+    NoneKind("text_task", 0.2, _make_text_task),
+    NoneKind("arithmetic", 0.06, _make_arithmetic),
+    NoneKind("no_image", 0.12, _make_no_image),
+]
+
+
+def to_jsonl(samples: Sequence[Sample]) -> str:
+    return "\n".join(json.dumps(s.to_dict()) for s in samples)

@@ -1,0 +1,162 @@
+"""Invocation-tuning data: generated from the registry, split explicitly, valid commands."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from pydantic import BaseModel
+
+from experts.base import Example, Expert, ExpertResult, ImageRef
+from experts.registry import Registry
+from orchestrator.commands import parse, validate
+from orchestrator.core import data as D
+from orchestrator.core.format import render
+
+N_SCENES = 6  # scenes are the slow part; a handful is enough to exercise every path
+
+
+def _registry(*extra: type[Expert]) -> Registry:
+    from experts.crop import CropExpert
+
+    reg = Registry()
+    reg.register(CropExpert, "switchboard")
+    for cls in extra:
+        reg.register(cls, "test-plugin")
+    return reg
+
+
+def _gen(reg=None, split="train", seed=0, planned=True):
+    return D.Generator(reg if reg is not None else _registry(), split=split, seed=seed, n_scenes=N_SCENES,
+                       planned=planned)
+
+
+def test_in_split_partitions_every_list_of_parts():
+    for items in (D.FRAMES_IMPERATIVE, D.FRAMES_ANY, D.PREFIXES, D.SUFFIXES, D.TEXT_TASKS, D.DESCRIBE,
+                  *D.SYNONYMS.values(), *(c.requests for c in D.CHAINS)):
+        train, held = D.in_split(items, "train"), D.in_split(items, "heldout")
+        assert held and train
+        assert not set(train) & set(held)
+        assert sorted(train + held) == sorted(items)
+    assert D.in_split([1, 2, 3], "heldout") == [1, 2, 3]  # short lists are shared
+    with pytest.raises(ValueError):
+        D.in_split([1], "test")
+
+
+def test_training_never_uses_held_out_verbs():
+    rng = random.Random(0)
+    held = set(D.in_split(D.SYNONYMS["detect"], "heldout"))
+    for verb in D.SYNONYMS["detect"]:
+        for _ in range(20):
+            out = D.swap_verb(f"{verb} the {{object}}", "detect", rng, "train")
+            assert not any(out.startswith(h + " ") for h in held)
+
+
+def test_generation_is_deterministic():
+    a = [s.to_dict() for s in _gen(seed=3).generate(30)]
+    b = [s.to_dict() for s in _gen(seed=3).generate(30)]
+    assert a == b
+    assert a != [s.to_dict() for s in _gen(seed=4).generate(30)]
+
+
+def test_every_plan_is_a_valid_command_reply():
+    gen = _gen()
+    samples = gen.generate(300)
+    kinds = Counter(s.kind for s in samples)
+    assert set(kinds) == {"call", "chain", "none", "followup", "fusion"}
+    for s in samples:
+        parsed = parse(s.answer)
+        assert not parsed.errors, s.answer
+        if s.kind == "none" or s.kind == "fusion":
+            assert not parsed.calls and not s.calls
+            continue
+        assert [c.expert for c in parsed.calls] == [c["expert"] for c in s.calls]
+        text = render(s.messages)
+        known = set(s.images)
+        v = validate(parsed, gen.registry, artifact_exists=lambda a, t=text: a in t)
+        assert not v.errors, (s.source, s.answer, v.errors)
+        for c in parsed.calls:
+            img = c.args.get("image")
+            if img and not img.startswith("$"):
+                assert img in text  # the id was shown to the model, so it can be copied
+                assert img in known or s.kind == "followup"
+
+
+def test_none_requests_cover_chat_description_unsupported_and_missing_images():
+    samples = _gen(seed=1).generate(300, kind="none")
+    sources = {s.source.split(":")[0] for s in samples}
+    assert {"chat", "describe", "unsupported", "text_task", "arithmetic", "no_image"} <= sources
+    for s in samples:
+        assert not s.calls and not parse(s.answer).calls
+        if s.source == "describe" and "shows" in s.answer:
+            seed = s.images[s.messages[0]["images"][0]]
+            assert D.scene_info(seed).caption in s.answer  # grounded in the scene, not invented
+        if s.source.startswith("unsupported"):
+            assert "no expert" in s.answer
+
+
+def test_a_plugin_expert_enters_the_data_with_no_other_change():
+    class BlurArgs(BaseModel):
+        image: ImageRef
+        strength: int = 3
+
+    class BlurExpert(Expert):
+        name = "blur"
+        description = "Blur an image."
+        Args = BlurArgs
+        Result = ExpertResult
+        examples = [Example(request="blur the picture", args={"image": "{image}"}),
+                    Example(request="make it blurry, strength {text}", args={"image": "{image}", "strength": 5})]
+
+    gen = _gen(_registry(BlurExpert), planned=False)
+    samples = gen.generate(200)
+    blur = [s for s in samples if any(c["expert"] == "blur" for c in s.calls)]
+    assert blur, "the plugin's examples must produce requests"
+    assert any("blur" in s.messages[-1]["content"].lower() for s in blur)
+    for s in blur:
+        v = validate(parse(s.answer), gen.registry)
+        assert not v.errors
+    # the plugin is listed where the core names its experts
+    assert any("blur" in s.answer for s in samples if s.source.startswith(("chat:help", "unsupported")))
+
+
+def test_chains_only_for_registered_experts():
+    gen = _gen(planned=False)  # crop alone
+    for s in gen.generate(150):
+        assert {c["expert"] for c in s.calls} <= {"crop"}
+
+
+def test_planned_stand_ins_fill_missing_experts_and_real_ones_win():
+    reg = D.data_registry(_registry())
+    assert {"crop", "detect", "segment", "generate", "edit"} <= set(reg.names())
+    assert reg.package_of("crop") == "switchboard"
+    assert "stand-in" in reg.package_of("detect")
+
+
+def test_followups_refer_to_the_previous_turns_artifacts():
+    samples = _gen(seed=2).generate(60, kind="followup")
+    assert samples
+    for s in samples:
+        tool = next(m for m in s.messages if m["role"] == "tool")["content"]
+        for c in s.calls:
+            for k, v in c["args"].items():
+                if k in ("mask", "boxes"):
+                    assert v in tool
+
+
+def test_fusion_answers_are_faithful_to_the_tool_turn():
+    from training.core import faithful
+
+    samples = _gen(seed=5).generate(80, kind="fusion")
+    assert samples
+    for s in samples:
+        assert s.messages[-1]["role"] == "tool"
+        assert faithful(s.answer, s.messages[-1]["content"], s.facts), (s.answer, s.messages[-1]["content"])
+
+
+def test_held_out_split_uses_other_scenes_and_parts():
+    assert not set(D.scene_seeds("train", 50)) & set(D.scene_seeds("heldout", 50))
+    held = _gen(split="heldout").generate(60)
+    train = _gen(split="train").generate(60)
+    assert {s.split for s in held} == {"heldout"} and {s.split for s in train} == {"train"}

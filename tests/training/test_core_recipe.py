@@ -1,0 +1,116 @@
+"""The core recipe: a tiny end-to-end train/resume/load/eval run, and the metrics themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training import core as recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _has_tokenizer() -> bool:
+    return (REPO / "models" / "core" / "tokenizer" / "tokenizer.json").exists()
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_tiny_train_resume_load_and_eval(tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "core"
+    assert recipe.main_train(["--tiny", "--steps", "2", "--out", str(out), "--save-every", "1"]) == 0
+    for name in ("config.json", "core.json", "vision.safetensors", "adapter/adapter_config.json",
+                 "tokenizer/tokenizer.json", "lm.safetensors", "train_log.jsonl"):
+        assert (out / name).exists(), name
+    assert recipe.main_train(["--tiny", "--steps", "3", "--out", str(out), "--resume"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3]
+    assert json.loads((out / "core.json").read_text())["trained_steps"] == 3
+    capsys.readouterr()
+    assert recipe.main_eval(["--model", str(out), "--n", "6", "--no-human", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("expert_accuracy", "exact_call_accuracy", "argument_f1", "none_accuracy", "fusion_faithfulness", "n"):
+        assert key in res
+
+
+def test_routing_metrics():
+    img = "image-" + "a" * 24
+    gold = [[{"id": "c1", "expert": "detect", "args": {"image": img, "query": "red circle"}}],
+            [],
+            [{"id": "c1", "expert": "segment", "args": {"image": img, "target": "the star"}},
+             {"id": "c2", "expert": "edit", "args": {"image": img, "mask": "$c1", "instruction": "remove it"}}]]
+    pred = [[{"id": "c1", "expert": "detect", "args": {"image": img, "query": "Red circle"}}],
+            [{"id": "x", "expert": "crop", "args": {"image": img}}],
+            [{"id": "a", "expert": "segment", "args": {"image": img, "target": "star"}},
+             {"id": "b", "expert": "edit", "args": {"image": img, "mask": "$a", "instruction": "make it blue"}}]]
+    m = recipe.routing_metrics(gold, pred)
+    assert m["expert_accuracy"] == round(2 / 3, 4)
+    assert m["exact_call_accuracy"] == round(1 / 3, 4)
+    assert m["none_accuracy"] == 0.0 and m["n_none"] == 1
+    # tp: 2 + 2 + 2 (image, mask ref); fp: 1 (crop image) + 1 (instruction); fn: 1 (instruction)
+    assert m["argument_f1"] == round(12 / 15, 4)
+
+
+def test_norm_value():
+    assert recipe._norm_value("The Red Circle.") == "red circle"
+    assert recipe._norm_value("[0, 0, 500, 500]") == "[0,0,500,500]"
+    assert recipe._norm_value("0.60") == "0.6"
+
+
+def test_faithful():
+    tool = "c1 detect done: found 2 red circles -> boxes-" + "a" * 24
+    assert recipe.faithful("I found 2 red circles.", tool, ["2", "circles"])
+    assert not recipe.faithful("I found 3 red circles.", tool, ["2"])
+    assert not recipe.faithful("I found 2 blue circles.", tool, ["2"])
+    assert recipe.faithful("Sorry, the detect step failed: out of memory.", "c1 detect failed: out of memory", ["fail"])
+    assert not recipe.faithful("Done!", "c1 detect failed: out of memory", ["fail"])
+
+
+def test_human_set_is_valid_and_balanced():
+    from orchestrator.commands import Call, validate
+    from orchestrator.core.data import data_registry
+
+    rows = recipe.load_human_set()
+    assert len(rows) >= 60
+    assert sum(1 for r in rows if not r["calls"]) >= 12
+    reg = data_registry()
+    samples = recipe.human_samples()
+    assert len(samples) == len([r for r in rows if all(c["expert"] in reg for c in r["calls"])])
+    for s in samples:
+        calls = [Call(c["id"], c["expert"], c["args"]) for c in s.calls]
+        v = validate(calls, reg)
+        assert not v.errors, (s.messages, v.errors)
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_fine_tune_a_llava_checkpoint_with_the_same_recipe(tmp_path):
+    """`--base PATH`: LoRA over a full LLaVA-family checkpoint (here a tiny one), loadable afterwards."""
+    pytest.importorskip("peft")
+    import torch
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    from orchestrator.core import model as cm
+
+    tok = cm.load_tokenizer(REPO / "models" / "core" / "tokenizer")
+    cfg = cm.llava_config(cm.tiny_text_config(len(tok)), cm.vision_config(tiny=True),
+                          tok.convert_tokens_to_ids(cm.IMAGE_TOKEN))
+    torch.manual_seed(0)
+    base = tmp_path / "llava"
+    LlavaForConditionalGeneration(cfg).save_pretrained(base)
+    ip = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=16,
+                   vision_feature_select_strategy="default").save_pretrained(base)
+
+    out = tmp_path / "tuned"
+    assert recipe.main_train(["--base", str(base), "--steps", "2", "--batch", "2", "--out", str(out)]) == 0
+    meta = json.loads((out / "core.json").read_text())
+    assert meta["base"] == str(base.resolve()) and meta["trained_steps"] == 2
+    core = cm.CoreModel.load(out)
+    img = "image-" + "d" * 24
+    from training.shapes import make_scene
+
+    text = core.generate([{"role": "user", "content": "find the red circle", "images": [img]}],
+                         {img: make_scene(3, size=64).image}, max_new_tokens=4)
+    assert isinstance(text, str)

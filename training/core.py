@@ -1,0 +1,672 @@
+"""Core recipe: pretrain the vision tower on the shapes world, then invocation-tune the VLM.
+
+    switchboard train core                       # the shipped core (models/core, see its MODEL_CARD.md)
+    switchboard train core --tiny --out /tmp/c   # CI smoke: tiny random LM, a few steps, seconds
+    switchboard train core --resume              # continue the last run from its checkpoint
+    switchboard eval core --json [--n N]         # held-out templates + human-phrased requests
+
+Stage 1 (``vision``): the tiny CLIP ViT learns to count objects per colour, shape and colour×shape
+on shapes-world scenes (cheap: minutes on one core). Stage 2 (``tune``): SmolLM2 + LoRA (r 16, all
+linear layers of the LM) and the projector learn from ``orchestrator.core.data`` samples, loss on
+the assistant answer only. Checkpoints (the small parts + optimizer state) are written every
+``--save-every`` steps into ``--out``, so a run stopped early still leaves a usable core, and
+``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+VISION_SEED = 31_000       # dataset seed of the vision pretraining scenes
+VISION_EVAL_SEED = 31_001  # ... and of its held-out check
+COUNT_HEADS = None         # filled lazily: (colours, shapes, colour×shape) label order
+
+
+def _settings():
+    from orchestrator.settings import get_settings
+
+    return get_settings()
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def work_dir() -> Path:
+    return Path(_settings().cache_dir) / "core"
+
+
+# -- stage 1: the vision tower ----------------------------------------------------------------------
+def _count_labels() -> list[str]:
+    from training.shapes import COLOURS, SHAPES
+
+    return [*COLOURS, *SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
+
+
+def _scene_arrays(dataset_seed: int, n: int, image_size: int, desc: str):
+    """(images uint8 N×S×S×3, count targets N×41) for ``n`` scenes, cached as .npz in the work dir."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from training.shapes import make_scene, scene_seed
+
+    path = work_dir() / f"vision_{dataset_seed}_{n}_{image_size}.npz"
+    if path.exists():
+        d = np.load(path)
+        return d["x"], d["y"]
+    labels = _count_labels()
+    index = {k: i for i, k in enumerate(labels)}
+    xs = np.zeros((n, image_size, image_size, 3), np.uint8)
+    ys = np.zeros((n, len(labels)), np.float32)
+    for i in tqdm(range(n), desc=desc, unit="scene"):
+        sc = make_scene(scene_seed(dataset_seed, i), size=128)
+        xs[i] = np.asarray(sc.image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR))
+        for o in sc.objects:
+            for key in (o.colour, o.shape, f"{o.colour} {o.shape}"):
+                ys[i, index[key]] += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, x=xs, y=ys)
+    return xs, ys
+
+
+def pretrain_vision(*, steps: int = 3000, n_scenes: int = 6000, batch: int = 64, tiny: bool = False,
+                    out: Path | None = None, log: Any = print) -> Path:
+    """Train the vision tower to count (per colour, shape, colour×shape); save it; return the path."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import CLIPVisionModel
+
+    from orchestrator.core.model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, vision_config
+
+    out = out or work_dir() / ("vision_tiny.safetensors" if tiny else "vision.safetensors")
+    torch.manual_seed(0)
+    xs, ys = _scene_arrays(VISION_SEED, n_scenes, IMAGE_SIZE, "vision scenes")
+    xv, yv = _scene_arrays(VISION_EVAL_SEED, min(500, n_scenes), IMAGE_SIZE, "vision held-out")
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+
+    def prep(a: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+    cfg = vision_config(tiny)
+    tower = CLIPVisionModel(cfg)
+    head = torch.nn.Linear(cfg.hidden_size, ys.shape[1])
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        hs = tower(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, 1:]  # what LLaVA reads
+        return head(hs.mean(1))
+
+    rng = np.random.default_rng(0)
+    bar = tqdm(range(steps), desc="vision", unit="step")
+    for step in bar:
+        idx = rng.integers(0, len(xs), batch)
+        x = prep(xs[idx])
+        if rng.random() < 0.5:
+            x = x.flip(3)  # counts do not change under a mirror
+        loss = torch.nn.functional.smooth_l1_loss(predict(x), torch.from_numpy(ys[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.inference_mode():
+        pred = torch.cat([predict(prep(xv[i:i + 128])) for i in range(0, len(xv), 128)]).round()
+    exact = (pred.numpy() == yv)
+    n_col = 6
+    log(f"vision: held-out count accuracy colour {exact[:, :n_col].mean():.3f} shape "
+        f"{exact[:, n_col:n_col + 5].mean():.3f} colour×shape {exact[:, n_col + 5:].mean():.3f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vision_tower." + k: v.contiguous() for k, v in tower.state_dict().items()}, str(out))
+    return out
+
+
+# -- stage 2: invocation tuning ---------------------------------------------------------------------
+def default_out() -> Path:
+    return Path(_settings().models_dir) / "core"
+
+
+def _state_path(out: Path) -> Path:
+    """Optimizer state lives in the cache (tens of MB, never committed)."""
+    import hashlib
+
+    tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
+    return work_dir() / f"trainer_state-{out.name}-{tag}.pt"
+
+
+def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lora_layers: int = 0,
+                    train_vision: bool = False, base: Path | None = None, log: Any = print):
+    """A CoreModel whose ``.model`` is a peft model: LoRA on the LM (on its top ``lora_layers``
+    decoder layers, or all when 0); the projector trains when ``train_vision``. Without it, the
+    embedded default's fresh projector is frozen with a zero output layer (image tokens are then
+    blank, and backpropagation stops at the lowest LoRA layer — what makes a CPU run affordable);
+    a ``base`` LLaVA checkpoint keeps its own trained projector."""
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from orchestrator.core import model as cm
+
+    resumed = resume and (out / "core.json").exists()
+    if base is not None:
+        return _trainable_from_base(Path(base), out=out, resumed=resumed, lora_r=lora_r, lora_layers=lora_layers,
+                                    train_vision=train_vision)
+    if resumed:
+        tok_dir = out / "tokenizer"
+    elif tiny and (default_out() / "tokenizer").exists():
+        tok_dir = default_out() / "tokenizer"  # the shipped tokenizer: CI needs no GGUF conversion
+    else:
+        tok_dir = cm.base_lm_dir()
+    tokenizer = cm.load_tokenizer(tok_dir)
+    image_id = tokenizer.convert_tokens_to_ids(cm.IMAGE_TOKEN)
+    if tiny:
+        torch.manual_seed(0)
+        text_cfg = cm.tiny_text_config(len(tokenizer))
+        from transformers import LlamaForCausalLM
+
+        lm_state = (load_file(str(out / "lm.safetensors")) if resumed
+                    else LlamaForCausalLM(text_cfg).state_dict())
+        vstate = None
+    else:
+        base = cm.base_lm_dir()
+        text_cfg = AutoConfig.from_pretrained(str(base))
+        text_cfg.vocab_size = len(tokenizer)
+        lm_state = load_file(str(base / "model.safetensors"))
+        vpath = work_dir() / "vision.safetensors"
+        if not vpath.exists():
+            log("core: no pretrained vision tower yet; pretraining it first")
+            pretrain_vision()
+        vstate = load_file(str(vpath))
+    config = cm.llava_config(text_cfg, cm.vision_config(tiny), image_id)
+    model = cm.assemble(config, lm_state, vstate)
+    if not train_vision:
+        proj = model.model.multi_modal_projector
+        torch.nn.init.zeros_(proj.linear_2.weight)
+        torch.nn.init.zeros_(proj.linear_2.bias)
+    if resumed and (out / "vision.safetensors").exists():
+        vs = load_file(str(out / "vision.safetensors"))
+        model.model.load_state_dict({k: v for k, v in vs.items()}, strict=False)
+    n_layers = text_cfg.num_hidden_layers
+    layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
+    model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
+    if resumed and (out / "adapter" / "adapter_model.safetensors").exists():
+        set_peft_model_state_dict(model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    inner = model.get_base_model().model
+    for p in inner.multi_modal_projector.parameters():
+        p.requires_grad_(train_vision)
+    for p in inner.vision_tower.parameters():
+        p.requires_grad_(train_vision and tiny)  # the shapes-world tower is pretrained and stays frozen
+    core = cm.CoreModel(model, tokenizer, info={"base": "included" if tiny else cm.BASE_NAME})
+    core.lm_state = lm_state if tiny else None
+    return core
+
+
+def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, lora_layers: int,
+                         train_vision: bool):
+    """LoRA on a full LLaVA-family checkpoint (a bigger core, on a GPU): same data, same loss."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from orchestrator.core import model as cm
+
+    core = cm.CoreModel._load_llava(base)
+    model = core.model
+    if resumed and (out / "vision.safetensors").exists():
+        model.model.load_state_dict(load_file(str(out / "vision.safetensors")), strict=False)
+    n_layers = model.config.text_config.num_hidden_layers
+    layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
+    model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
+    if resumed and (out / "adapter" / "adapter_model.safetensors").exists():
+        set_peft_model_state_dict(model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    inner = model.get_base_model().model
+    for p in inner.multi_modal_projector.parameters():
+        p.requires_grad_(train_vision)
+    core.model = model
+    core.info = {"base": str(base.resolve())}
+    core.lm_state = None
+    return core
+
+
+def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
+    """Write the small trained parts (see orchestrator/core/model.py) atomically-enough into ``out``."""
+    from safetensors.torch import save_file
+
+    from orchestrator.core import model as cm
+
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model = core.model
+    tmp = out / ".adapter.tmp"
+    peft_model.save_pretrained(str(tmp))
+    if (out / "adapter").exists():
+        import shutil
+
+        shutil.rmtree(out / "adapter")
+    tmp.rename(out / "adapter")
+    vstate = cm.vision_state_dict(peft_model)
+    if core.info.get("base") not in ("included", cm.BASE_NAME):  # a LLaVA base keeps its own tower
+        vstate = {k: v for k, v in vstate.items() if k.startswith("multi_modal_projector.")}
+    save_file(vstate, str(out / "vision.safetensors"))
+    peft_model.get_base_model().config.save_pretrained(str(out))
+    core.tokenizer.save_pretrained(str(out / "tokenizer"))
+    if getattr(core, "lm_state", None) is not None:
+        tied = peft_model.get_base_model().config.tie_word_embeddings
+        save_file({k: v.detach().clone().contiguous() for k, v in core.lm_state.items()
+                   if not (tied and k == "lm_head.weight")}, str(out / "lm.safetensors"))
+    full = {"format": cm.CORE_FORMAT, "base": core.info.get("base", cm.BASE_NAME), "image_size": core.image_size,
+            "image_mean": list(core.image_mean), "image_std": list(core.image_std), **meta}
+    (out / "core.json").write_text(json.dumps(full, indent=1) + "\n")
+
+
+class _Images:
+    """Scene pixels by seed (rendered once per process)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, Any] = {}
+
+    def __call__(self, seed: int):
+        from orchestrator.core.data import scene_image
+
+        im = self.cache.get(seed)
+        if im is None:
+            if len(self.cache) > 2000:
+                self.cache.clear()
+            im = self.cache[seed] = scene_image(seed)
+        return im
+
+
+def encode_sample(core: Any, sample: Any, images: _Images) -> dict[str, Any]:
+    return core.encode(sample.messages, {aid: images(seed) for aid, seed in sample.images.items()},
+                       answer=sample.answer)
+
+
+def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: bool, tiny: bool,
+          save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int = 0,
+          train_vision: bool = False, base: Path | None = None, log: Any = print) -> dict[str, Any]:
+    """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
+    follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals."""
+    import torch
+    from tqdm import tqdm
+
+    from orchestrator.core.data import Generator
+
+    _threads(threads)
+    torch.manual_seed(seed)
+    core = build_trainable(tiny=tiny, out=out, resume=resume, lora_layers=lora_layers, train_vision=train_vision,
+                           base=base, log=log)
+    model = core.model
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.train()
+    state_path = _state_path(out)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    opt = torch.optim.AdamW([{"params": lora, "lr": lr}, {"params": rest, "lr": lr * 3}], weight_decay=0.0)
+    start_step, history, spent = 0, [], 0.0
+    if resume and state_path.exists() and (out / "core.json").exists():
+        st = torch.load(state_path, weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        start_step, history, spent = st["step"], st["history"], st.get("elapsed", 0.0)
+        log(f"core: resuming from step {start_step} ({spent / 60:.1f} min spent)")
+    n_train = sum(p.numel() for p in lora + rest)
+    log(f"core: {n_train / 1e6:.2f}M trainable parameters; batch {batch}; up to {steps} steps"
+        + (f" or {minutes:.0f} min" if minutes else ""))
+    gen = Generator(split="train", seed=seed + start_step, n_scenes=24 if tiny or steps * batch < 400 else 400)
+    images = _Images()
+    budget = (minutes or 0) * 60
+    t0 = time.time() - spent
+    warm = max(1, min(30, steps // 10))
+    pool: list[dict[str, Any]] = []
+    bar = tqdm(range(start_step, steps), desc="core", unit="step", initial=start_step, total=steps)
+    step = start_step
+    for step in bar:
+        if not pool:
+            # a pool of 4 batches sorted by length: little padding per batch
+            items = [encode_sample(core, s, images) for s in gen.generate(batch * 4)]
+            items = [it for it in items if len(it["input_ids"]) <= max_len]
+            items.sort(key=lambda it: len(it["input_ids"]))
+            chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+            random.Random(step).shuffle(chunks)
+            pool = chunks
+        chunk = pool.pop()
+        elapsed = time.time() - t0
+        frac = max(step / steps, elapsed / budget if budget else 0.0)
+        scale = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        for g, base_lr in zip(opt.param_groups, (lr, lr * 3), strict=True):
+            g["lr"] = base_lr * scale
+        loss, n_tok = answer_loss(model, core.collate(chunk, pad_left=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora + rest, 1.0)
+        opt.step()
+        history.append({"step": step + 1, "loss": round(float(loss.item()), 4), "t": round(elapsed, 1),
+                        "tokens": n_tok})
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr * scale:.1e}")
+        done = budget and time.time() - t0 >= budget
+        if (step + 1) % save_every == 0 or done or step + 1 == steps:
+            _checkpoint(core, opt, out, state_path, step + 1, history, time.time() - t0, steps, batch, lr, seed)
+        if done:
+            log(f"core: time budget of {minutes} min reached at step {step + 1}")
+            break
+    if not history or history[-1]["step"] != step + 1 or not (out / "core.json").exists():
+        _checkpoint(core, opt, out, state_path, step + 1, history, time.time() - t0, steps, batch, lr, seed)
+    return {"steps": history[-1]["step"] if history else start_step,
+            "loss": history[-1]["loss"] if history else None, "out": str(out)}
+
+
+def answer_loss(model: Any, b: dict[str, Any]) -> tuple[Any, int]:
+    """Cross-entropy on the answer tokens only. Batches are left-padded, so every answer ends the
+    row: logits are computed for the last K positions only (the 49k-word output layer is a large
+    share of a step), with positions counted from the attention mask exactly as ``generate`` does."""
+    import torch
+
+    dev = next(p for p in model.parameters()).device
+    b = {k: v.to(dev) for k, v in b.items()}
+    labels = b.pop("labels")
+    mask = b["attention_mask"]
+    n_ans = (labels != -100).sum(1)
+    k = int(n_ans.max().item()) + 1
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(**b, position_ids=pos, logits_to_keep=k)
+    logits = out.logits[:, :-1].float()
+    target = labels[:, -k + 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100)
+    return loss, int(mask.numel())
+
+
+def _checkpoint(core: Any, opt: Any, out: Path, state_path: Path, step: int, history: list, elapsed: float,
+                steps: int, batch: int, lr: float, seed: int) -> None:
+    import torch
+
+    recent = [h["loss"] for h in history[-50:]]
+    save_parts(core, out, meta={"trained_steps": step, "batch": batch, "lr": lr, "seed": seed,
+                                "planned_steps": steps, "elapsed_s": round(elapsed),
+                                "loss_last50": round(sum(recent) / max(1, len(recent)), 4)})
+    (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "history": history, "elapsed": elapsed}, tmp)
+    tmp.replace(state_path)
+
+
+def main_train(argv: list[str]) -> int:
+    """``switchboard train core [--out DIR] [--steps N] [--batch B] [--minutes M] [--resume] [--tiny]``."""
+    p = argparse.ArgumentParser(prog="switchboard train core", description="Invocation-tune the core "
+                                "(pretraining the shapes-world vision tower first if needed).")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default models/core; "
+                   "--tiny: .cache/core/tiny)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1500; --tiny: 4)")
+    p.add_argument("--batch", type=int, default=None, help="conversations per step (default 8; --tiny: 2)")
+    p.add_argument("--minutes", type=float, default=None, help="stop (annealed) after this many minutes")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--tiny", action="store_true", help="a tiny random LM and vision tower: CI smoke run")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate (projector: 3x)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=384, help="drop longer training conversations")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--vision-only", action="store_true", help="only pretrain the vision tower")
+    p.add_argument("--lora-layers", type=int, default=15, help="LoRA on the top N decoder layers (0 = all; "
+                   "default 15: backpropagation stops there, which halves a CPU step)")
+    p.add_argument("--train-vision", action="store_true", help="also train the projector (backpropagates "
+                   "through every layer: use it on a GPU)")
+    p.add_argument("--base", type=Path, default=None, help="fine-tune a full LLaVA-family checkpoint directory "
+                   "instead of the embedded SmolLM2 core (a bigger core, on a GPU)")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if a.vision_only:
+        _threads(a.threads)
+        print(pretrain_vision(steps=a.steps or 1200, tiny=a.tiny))
+        return 0
+    out = a.out or (work_dir() / "tiny" if a.tiny else default_out())
+    steps = a.steps or (4 if a.tiny else 1500)
+    batch = a.batch or (2 if a.tiny else 8)
+    if steps < 1 or batch < 1:
+        p.error("--steps and --batch must be at least 1")
+    res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
+                save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
+                lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base)
+    print(json.dumps(res))
+    return 0
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+HUMAN_SET = Path(__file__).resolve().parent / "core_heldout_human.jsonl"
+_ARTICLE = re.compile(r"^(the|a|an)\s+")
+
+
+def _norm_value(v: str) -> str:
+    """Compare values loosely where people would: case, articles, spacing, JSON formatting."""
+    s = str(v).strip()
+    try:
+        parsed = json.loads(s)
+        if not isinstance(parsed, str):
+            return json.dumps(parsed, separators=(",", ":"))
+    except (json.JSONDecodeError, ValueError):
+        pass
+    s = " ".join(s.lower().strip(" .!?,'\"").split())
+    return _ARTICLE.sub("", s)
+
+
+def _norm_calls(calls: list[Any]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Calls as (expert, sorted normalised args) with ``$id`` references renamed by position."""
+    ids = {(c["id"] if isinstance(c, dict) else c.id): i for i, c in enumerate(calls)}
+    out = []
+    for c in calls:
+        expert, args = (c["expert"], c["args"]) if isinstance(c, dict) else (c.expert, c.args)
+        norm = []
+        for k, v in args.items():
+            v = str(v)
+            if v.startswith("$") and v[1:] in ids:
+                v = f"$#{ids[v[1:]]}"
+            norm.append((k, _norm_value(v)))
+        out.append((expert, tuple(sorted(norm))))
+    return out
+
+
+def routing_metrics(golds: list[list[dict]], preds: list[list[Any]], prefix: str = "") -> dict[str, Any]:
+    """expert_accuracy, exact_call_accuracy (all routing samples), argument_f1 (micro, over
+    (call index, expert, argument, value)), none_accuracy (samples that need no call)."""
+    n = len(golds)
+    exp_ok = exact_ok = none_total = none_ok = 0
+    tp = fp = fn = 0
+    for gold, pred in zip(golds, preds, strict=True):
+        g, p = _norm_calls(gold), _norm_calls(pred)
+        exp_ok += [e for e, _ in g] == [e for e, _ in p]
+        exact_ok += g == p
+        if not gold:
+            none_total += 1
+            none_ok += not pred
+        gs = {(i, e, k, v) for i, (e, a) in enumerate(g) for k, v in a}
+        ps = {(i, e, k, v) for i, (e, a) in enumerate(p) for k, v in a}
+        tp += len(gs & ps)
+        fp += len(ps - gs)
+        fn += len(gs - ps)
+    f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+    return {f"{prefix}expert_accuracy": round(exp_ok / max(1, n), 4),
+            f"{prefix}exact_call_accuracy": round(exact_ok / max(1, n), 4),
+            f"{prefix}argument_f1": round(f1, 4),
+            f"{prefix}none_accuracy": round(none_ok / max(1, none_total), 4),
+            f"{prefix}n": n, f"{prefix}n_none": none_total}
+
+
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+_NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "hexagon", "star")
+
+
+def faithful(answer: str, tool_text: str, facts: list[str]) -> bool:
+    """An answer is faithful when every number and shape/colour name in it appears in the tool
+    results, and it states the facts the results carry (counts, names, failures)."""
+    a, t = answer.lower(), tool_text.lower()
+    if any(x not in set(_NUM.findall(t)) for x in _NUM.findall(a)):
+        return False
+    if any(w in a and w not in t for w in _NAMES):
+        return False
+    for f in facts:
+        if f == "fail":
+            if not re.search(r"fail|sorry|could not|couldn't|error", a):
+                return False
+        elif f.lower() not in a:
+            return False
+    return True
+
+
+def load_human_set(path: Path = HUMAN_SET) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip() and not line.lstrip().startswith("//"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: {e}") from None
+    return rows
+
+
+def human_samples(registry: Any = None) -> list[Any]:
+    """The human-phrased held-out requests as Samples (each on a held-out scene), for the experts
+    that are registered (or stood in for)."""
+    from orchestrator.core.data import SPLITS, Sample, data_registry, new_id, scene_seeds
+
+    assert "heldout" in SPLITS
+    reg = data_registry(registry)
+    rng = random.Random("human")
+    seeds = scene_seeds("heldout", 64)
+    out = []
+    for i, row in enumerate(load_human_set()):
+        if any(c["expert"] not in reg for c in row["calls"]):
+            continue
+        img = new_id("image", rng) if row.get("image", True) else None
+        calls = []
+        for j, c in enumerate(row["calls"]):
+            cls = reg.get_class(c["expert"])
+            order = list(cls.Args.model_fields)
+            args = {k: (json.dumps(v, separators=(",", ":")) if not isinstance(v, str) else v.replace("{image}", img or ""))
+                    for k, v in sorted(c["args"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)}
+            calls.append({"id": f"c{j + 1}", "expert": c["expert"], "args": args})
+        msg: dict[str, Any] = {"role": "user", "content": row["request"]}
+        if img:
+            msg["images"] = [img]
+        out.append(Sample("human", [msg], "", {img: seeds[i % len(seeds)]} if img else {}, calls,
+                          source=f"human:{i}", split="heldout"))
+    return out
+
+
+def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any) -> list[Any]:
+    """A grammar processor allowing the artifact ids these conversations mention (one per batch)."""
+    from orchestrator.artifacts import ID_PATTERN
+    from orchestrator.core.format import render
+    from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+
+    arts: dict[str, str] = {}
+    for msgs, _ in convs:
+        for tok in re.findall(r"[a-z]+-[0-9a-f]{24}", render(msgs)):
+            m = ID_PATTERN.match(tok)
+            if m:
+                arts[tok] = m.group("kind")
+    return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts), _GRAMMAR_TOKENIZER[0])]
+
+
+_GRAMMAR_TOKENIZER: list[Any] = []
+
+
+def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: bool = True,
+             max_new_tokens: int = 120, grammar: bool = False, log: Any = print) -> dict[str, Any]:
+    """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``grammar`` applies
+    the command grammar (orchestrator/core/grammar.py) with the artifacts of each batch's
+    conversations, as ``switchboard chat`` does with one conversation's."""
+    from tqdm import tqdm
+
+    from orchestrator.commands import parse
+    from orchestrator.core.data import Generator, data_registry
+
+    registry = data_registry()
+    _GRAMMAR_TOKENIZER[:] = [core.tokenizer]
+
+    gen = Generator(split="heldout", seed=10_000 + seed, n_scenes=min(400, max(16, n)))
+    samples = gen.generate(n)
+    if human:
+        samples += human_samples()
+    images = _Images()
+    preds: list[str] = []
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].messages) * 1000
+                   + sum(len(m["content"]) for m in samples[i].messages))
+    out_text: dict[int, str] = {}
+    for k in tqdm(range(0, len(order), batch), desc="eval core", unit="batch"):
+        idx = order[k:k + batch]
+        convs = [(samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}) for i in idx]
+        procs = _grammar_for(convs, registry) if grammar else None
+        texts = core.generate_batch(convs, max_new_tokens=max_new_tokens, logits_processor=procs)
+        for i, text in zip(idx, texts, strict=True):
+            out_text[i] = text
+    preds = [out_text[i] for i in range(len(samples))]
+    route = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind not in ("fusion", "human")]
+    hum = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind == "human"]
+    fus = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind == "fusion"]
+    res: dict[str, Any] = {}
+    res.update(routing_metrics([s.calls for s, _ in route], [parse(p).calls for _, p in route]))
+    ok = [faithful(p, s.messages[-1]["content"], s.facts) and not parse(p).calls for s, p in fus]
+    res["fusion_faithfulness"] = round(sum(ok) / len(ok), 4) if ok else None
+    res["n_fusion"] = len(ok)
+    if hum:
+        res.update(routing_metrics([s.calls for s, _ in hum], [parse(p).calls for _, p in hum], prefix="human_"))
+    res["errors"] = [{"kind": s.kind, "source": s.source, "request": s.messages[-1]["content"][:200],
+                      "expected": s.answer if s.kind != "human" else "\n".join(
+                          f'{c["expert"]} {c["args"]}' for c in s.calls) or "(no call)", "got": p}
+                     for s, p in zip(samples, preds, strict=True)
+                     if (s.kind == "fusion" and not faithful(p, s.messages[-1]["content"], s.facts))
+                     or (s.kind != "fusion" and _norm_calls(s.calls) != _norm_calls(parse(p).calls))]
+    return res
+
+
+def main_eval(argv: list[str]) -> int:
+    """``switchboard eval core [--json] [--n N] [--model PATH]``: held-out templates + human phrasings."""
+    p = argparse.ArgumentParser(prog="switchboard eval core", description="Evaluate the core on held-out "
+                                "templates and phrasings never used in training, and on human-phrased requests.")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--n", type=int, default=200, help="held-out template samples (default 200)")
+    p.add_argument("--model", type=Path, default=None, help="core directory (default: the shipped core)")
+    p.add_argument("--no-human", action="store_true", help="skip the human-phrased set")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--errors", type=Path, default=None, help="write the failures to this JSON file")
+    p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _threads(a.threads)
+    from orchestrator.core.model import CoreModel
+
+    core = CoreModel.load(a.model)
+    res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
+                   max_new_tokens=a.max_new_tokens)
+    res["decoding"] = "grammar" if a.grammar else "unconstrained"
+    errors = res.pop("errors")
+    if a.errors:
+        a.errors.write_text(json.dumps(errors, indent=1))
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:28s} {v}")
+        print(f"({len(errors)} failures{'; see ' + str(a.errors) if a.errors else ''})")
+    return 0
