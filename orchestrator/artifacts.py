@@ -67,6 +67,22 @@ def _check_id(artifact_id: str) -> re.Match[str]:
     return m
 
 
+def _pil_open():
+    """PIL's own ``Image.open``.
+
+    ultralytics replaces ``PIL.Image.open`` with a wrapper that, on an unidentified image, tries to
+    pip-install pi-heif (network at run time) and raises ImportError offline. Untrusted uploads go
+    through PIL's original function, whatever was imported before.
+    """
+    import sys
+
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return original if original is not None and Image.open is not original else Image.open
+
+
 def sniff_image(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[str, int, int]:
     """Check encoded image bytes without decoding pixels. Returns (format, width, height).
 
@@ -79,7 +95,7 @@ def sniff_image(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[str, i
     if not data:
         raise ImageRejected("image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
+        with _pil_open()(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
             fmt, (w, h) = im.format or "", im.size
     except Image.UnidentifiedImageError:
         raise ImageRejected(
@@ -105,7 +121,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str = "R
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
+            with _pil_open()(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
                 im.load()
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)

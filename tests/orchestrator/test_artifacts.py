@@ -115,3 +115,11 @@ def test_shared_between_instances(tmp_path) -> None:
     a = ArtifactStore(tmp_path)
     meta = a.put_text("shared")
     assert ArtifactStore(tmp_path).read_bytes(meta.id) == b"shared"
+
+
+def test_uploads_bypass_ultralytics_pil_patch(store: ArtifactStore) -> None:
+    """ultralytics patches PIL.Image.open to pip-install pi-heif on unknown images; uploads must not."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+
+    with pytest.raises(ImageRejected, match="not a supported image"):
+        store.import_image(b"hello, world, this is not an image")
