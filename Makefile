@@ -11,7 +11,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 
 .PHONY: install system-deps demo test test-fast lint serve clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'

@@ -175,21 +175,35 @@ class ImageEmbedding:
 
 
 def _box_filter(x: np.ndarray, r: int) -> np.ndarray:
-    from scipy.ndimage import uniform_filter
+    """Mean over a (2r+1)^2 window of each channel of an H x W x C array (separable, reflect at edges)."""
+    from scipy.ndimage import uniform_filter1d
 
-    return uniform_filter(x, size=(2 * r + 1, 2 * r + 1) + (1,) * (x.ndim - 2), mode="reflect")
+    return uniform_filter1d(uniform_filter1d(x, 2 * r + 1, axis=0, mode="reflect"), 2 * r + 1, axis=1, mode="reflect")
 
 
 def guided_filter(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
     """He et al.'s guided filter with a colour guide (H x W x 3) applied to ``p`` (H x W)."""
-    mean_i = _box_filter(guide, r)
-    mean_p = _box_filter(p, r)
-    cov_ip = _box_filter(guide * p[..., None], r) - mean_i * mean_p[..., None]
-    outer = (guide[..., :, None] * guide[..., None, :]).reshape(*guide.shape[:2], 9)
-    var_i = _box_filter(outer, r).reshape(*guide.shape[:2], 3, 3) - mean_i[..., :, None] * mean_i[..., None, :]
-    a = np.linalg.solve(var_i + eps * np.eye(3, dtype=np.float32), cov_ip[..., None])[..., 0]
-    b = mean_p - (a * mean_i).sum(-1)
-    return (_box_filter(a, r) * guide).sum(-1) + _box_filter(b, r)
+    r_, g_, b_ = guide[..., 0], guide[..., 1], guide[..., 2]
+    stats = _box_filter(np.stack([r_, g_, b_, p, r_ * p, g_ * p, b_ * p, r_ * r_, r_ * g_, r_ * b_,
+                                  g_ * g_, g_ * b_, b_ * b_], axis=-1), r)
+    mi, mp = stats[..., 0:3], stats[..., 3]
+    cov = stats[..., 4:7] - mi * mp[..., None]
+    # the (symmetric) colour covariance of each window, plus eps, inverted in closed form
+    rr = stats[..., 7] - mi[..., 0] * mi[..., 0] + eps
+    rg = stats[..., 8] - mi[..., 0] * mi[..., 1]
+    rb = stats[..., 9] - mi[..., 0] * mi[..., 2]
+    gg = stats[..., 10] - mi[..., 1] * mi[..., 1] + eps
+    gb = stats[..., 11] - mi[..., 1] * mi[..., 2]
+    bb = stats[..., 12] - mi[..., 2] * mi[..., 2] + eps
+    i_rr, i_rg, i_rb = gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb
+    i_gg, i_gb, i_bb = rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg
+    det = rr * i_rr + rg * i_rg + rb * i_rb
+    a = np.stack([i_rr * cov[..., 0] + i_rg * cov[..., 1] + i_rb * cov[..., 2],
+                  i_rg * cov[..., 0] + i_gg * cov[..., 1] + i_gb * cov[..., 2],
+                  i_rb * cov[..., 0] + i_gb * cov[..., 1] + i_bb * cov[..., 2]], axis=-1) / det[..., None]
+    b = mp - (a * mi).sum(-1)
+    ab = _box_filter(np.concatenate([a, b[..., None]], axis=-1), r)
+    return (ab[..., :3] * guide).sum(-1) + ab[..., 3]
 
 
 def refine_mask(logits: np.ndarray, guide: np.ndarray, r: int, eps: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,8 @@ def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
         save_file({k: v.detach().clone().contiguous() for k, v in core.lm_state.items()
                    if not (tied and k == "lm_head.weight")}, str(out / "lm.safetensors"))
     full = {"format": cm.CORE_FORMAT, "base": core.info.get("base", cm.BASE_NAME), "image_size": core.image_size,
-            "image_mean": list(core.image_mean), "image_std": list(core.image_std), **meta}
+            "image_mean": list(core.image_mean), "image_std": list(core.image_std),
+            "experts": core.info.get("experts"), **meta}
     (out / "core.json").write_text(json.dumps(full, indent=1) + "\n")
 
 
@@ -329,6 +331,7 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     log(f"core: {n_train / 1e6:.2f}M trainable parameters; batch {batch}; up to {steps} steps"
         + (f" or {minutes:.0f} min" if minutes else ""))
     gen = Generator(split="train", seed=seed + start_step, n_scenes=24 if tiny or steps * batch < 400 else 400)
+    core.info["experts"] = {n: gen.registry.package_of(n) for n in gen.registry.names()}
     images = _Images()
     budget = (minutes or 0) * 60
     t0 = time.time() - spent
@@ -600,6 +603,11 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
 
     registry = data_registry()
     _GRAMMAR_TOKENIZER[:] = [core.tokenizer]
+    trained = core.info.get("experts")
+    if trained and sorted(trained) != registry.names():
+        log(f"core eval: the registry changed since training (trained with {', '.join(sorted(trained))}; now "
+            f"{', '.join(registry.names())}); retrain to teach the core the new experts' examples",
+            file=sys.stderr)
 
     gen = Generator(split="heldout", seed=10_000 + seed, n_scenes=min(400, max(16, n)))
     samples = gen.generate(n)
