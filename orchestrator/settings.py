@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     detect_weights: Path | None = None
     segment_weights: Path | None = None
     segment_model_type: str | None = None
+    segment_cache_size: int = Field(default=16, ge=0, description="Image embeddings the segment expert keeps (LRU).")
     generate_model: Path | None = None
     core_model: Path | None = None
 
