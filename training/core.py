@@ -592,7 +592,8 @@ _GRAMMAR_TOKENIZER: list[Any] = []
 
 
 def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: bool = True,
-             max_new_tokens: int = 120, grammar: bool = False, log: Any = print) -> dict[str, Any]:
+             max_new_tokens: int = 120, grammar: bool = False, kind: str | None = None,
+             log: Any = print) -> dict[str, Any]:
     """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``grammar`` applies
     the command grammar (orchestrator/core/grammar.py) with the artifacts of each batch's
     conversations, as ``switchboard chat`` does with one conversation's."""
@@ -610,7 +611,7 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
             file=sys.stderr)
 
     gen = Generator(split="heldout", seed=10_000 + seed, n_scenes=min(400, max(16, n)))
-    samples = gen.generate(n)
+    samples = gen.generate(n, kind)
     if human:
         samples += human_samples()
     images = _Images()
@@ -658,6 +659,8 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--errors", type=Path, default=None, help="write the failures to this JSON file")
     p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
     p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion"], default=None,
+                   help="only held-out samples of this kind (default: the training mix)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -666,7 +669,7 @@ def main_eval(argv: list[str]) -> int:
 
     core = CoreModel.load(a.model)
     res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
-                   max_new_tokens=a.max_new_tokens)
+                   max_new_tokens=a.max_new_tokens, kind=a.kind)
     res["decoding"] = "grammar" if a.grammar else "unconstrained"
     errors = res.pop("errors")
     if a.errors:
