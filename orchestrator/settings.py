@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         default="", description="Comma-separated module:Class experts to register besides the entry points "
         "(development and tests; plugins use the switchboard.experts entry-point group).")
 
+    # Worker batching and memory (workers.batching, orchestrator.memory)
+    batch_max_size: int = Field(
+        default=1, ge=1, le=256, description="Calls of one expert a worker runs through run_batch at once; "
+        "1 = no batching. `switchboard worker --batch-max N` sets it and uses a threads pool.")
+    batch_window_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long a worker waits for more calls of the same expert "
+        "after the first one arrives before running the batch (ms).")
+    expert_memory_budget_mb: float | None = Field(
+        default=None, gt=0, description="Cap on the memory of the expert models loaded in one process (MiB); "
+        "the least recently used are unloaded (offloaded to the CPU when on a GPU). Unset = no cap.")
+
     # API
     api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys; empty = open.")
     max_body_bytes: int = 32 * 1024 * 1024
