@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     segment_cache_size: int = Field(default=16, ge=0, description="Image embeddings the segment expert keeps (LRU).")
     generate_model: Path | None = None
     core_model: Path | None = None
+    core_prefix_cache: bool = Field(
+        default=True, description="The fusion pass reuses the plan pass's KV cache for their shared prompt prefix "
+        "(off: it prefills its whole prompt again; replies are the same either way).")
 
     # Distributed dispatch: unset means in-process.
     broker_url: str | None = None
