@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import BaseModel, Field, ValidationError
 
 from orchestrator.errors import ExpertDefinitionError
+from orchestrator.memory import get_budget
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -238,20 +239,31 @@ class Expert:
         return self._setup_done
 
     def ensure_setup(self) -> None:
-        """Run ``setup()`` once per instance (thread-safe)."""
+        """Run ``setup()`` once per instance (thread-safe), within the process's memory budget.
+
+        Every call passes here first, so it also marks the expert as used for the budget's LRU order
+        (``orchestrator.memory``).
+        """
+        budget = get_budget()
         if self._setup_done:
+            budget.touch(self)
             return
         with self._setup_lock:
             if not self._setup_done:
-                self.setup()
-                self._setup_done = True
+                with budget.loading(self):
+                    self.setup()
+                    self._setup_done = True
 
     def setup(self) -> None:
         """Load models. Called once, lazily, before the first ``run``. Override in subclasses."""
 
     def teardown(self) -> None:
-        """Release models (used by memory budgets). The next call runs ``setup()`` again."""
+        """Release models (used by memory budgets). The next call runs ``setup()`` again.
+
+        Subclasses release their models, then call ``super().teardown()``.
+        """
         self._setup_done = False
+        get_budget().forget(self)
 
     def run(self, args: Any, ctx: RunContext) -> ExpertResult:
         """Run one validated call. Override in subclasses."""
@@ -262,10 +274,11 @@ class Expert:
         return [self.run(args, ctx) for args, ctx in items]
 
     def __call__(self, args: Any, ctx: RunContext) -> ExpertResult:
-        self.ensure_setup()
-        if not isinstance(args, self.Args):
-            args = self.Args.model_validate(args)
-        result = self.run(args, ctx)
+        with get_budget().pinned(self):  # not unloaded by the memory budget while it runs
+            self.ensure_setup()
+            if not isinstance(args, self.Args):
+                args = self.Args.model_validate(args)
+            result = self.run(args, ctx)
         if not isinstance(result, self.Result):
             raise TypeError(f"expert {self.name}.run returned {type(result).__name__}, not {self.Result.__name__}")
         return result

@@ -11,7 +11,8 @@ A message carries ``expert``, ``args`` (JSON, artifact ids, never pixels), ``cal
    redelivered call does not run twice;
 3. runs the expert through ``orchestrator.dispatch.execute_call`` (the same code as the in-process
    dispatcher), having stored STARTED (in the same round trip as the count), and publishes progress
-   as PROGRESS states;
+   as PROGRESS states; in a batching worker (``--batch-max``, threads pool) the run itself joins a
+   batch of concurrent calls of the same expert (workers.batching);
 4. retries transient errors (OSError: a store on a shared volume that blinks, a lost connection)
    with exponential backoff; a ``CallFailed`` (bad arguments, an expert's own error) is final.
 
@@ -36,6 +37,7 @@ from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallFailed, execute_call
 from orchestrator.settings import get_settings
 from workers.app import app
+from workers.batching import BatchingRegistry, batching_applies, process_batchers
 from workers.config import (
     DEAD_LETTER_KEY,
     DELIVERIES_KEY,
@@ -136,17 +138,21 @@ def _soft_limit(task: Any, expert: str) -> float | None:
         return None
 
 
-def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any]) -> None:
+def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any], request: Any = None) -> None:
     """Add a task-state write to ``pipe``, exactly as Celery's Redis backend stores and publishes it.
+
+    ``request`` defaults to ``task.request``, which is thread-local: progress reported from a batch's
+    thread (workers.batching) passes the request of the task it belongs to.
 
     ``task.update_state`` costs two round trips (Celery reads the stored state first, so that nothing
     overwrites a SUCCESS); STARTED and PROGRESS are written here in one, along with our own commands.
     A SUCCESS that a redelivery overwrites with STARTED is stored again when that delivery returns it.
     """
     backend = task.backend
-    meta = backend._get_result_meta(result=info, state=state, traceback=None, request=task.request)
-    meta["task_id"] = task.request.id
-    key, value = backend.get_key_for_task(task.request.id), backend.encode(meta)
+    request = request if request is not None else task.request
+    meta = backend._get_result_meta(result=info, state=state, traceback=None, request=request)
+    meta["task_id"] = request.id
+    key, value = backend.get_key_for_task(request.id), backend.encode(meta)
     expires = int(backend.expires or 0)
     if expires > 0:
         pipe.setex(key, expires, value)
@@ -157,6 +163,7 @@ def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any]) -> None
 
 def _progress_reporter(task: Any) -> Any:
     last = [0.0]
+    request = task.request  # the batch thread that may call this has no task request of its own
 
     def progress(fraction: float, message: str) -> None:
         now = time.monotonic()
@@ -164,7 +171,7 @@ def _progress_reporter(task: Any) -> Any:
             return  # an expert reporting every step must not flood Redis
         last[0] = now
         with _redis().pipeline(transaction=False) as pipe:
-            _queue_state(pipe, task, "PROGRESS", {"progress": fraction, "message": message})
+            _queue_state(pipe, task, "PROGRESS", {"progress": fraction, "message": message}, request)
             pipe.execute()
 
     return progress
@@ -204,8 +211,14 @@ def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0"
         })
         raise CallFailed(f"{expert}: call {call_id} killed its worker {deaths} times; dead-lettered "
                          f"(task {task_id}, kept in the Redis list {DEAD_LETTER_KEY})")
+    registry = _registry()
+    if deaths == 0 and batching_applies(settings):
+        # Join a batch of concurrent calls of this expert (workers.batching). A redelivered call
+        # (its worker died holding it) runs on its own, so it cannot take a batch down with it again.
+        registry = BatchingRegistry(registry, process_batchers(settings.batch_max_size,
+                                                               settings.batch_window_ms / 1000.0))
     try:
-        result = execute_call(_registry(), _store(), expert, args, call_id=call_id,
+        result = execute_call(registry, _store(), expert, args, call_id=call_id,
                               conversation_id=conversation_id, progress=_progress_reporter(self))
     except (CallFailed, SoftTimeLimitExceeded) as e:
         cause = e if isinstance(e, SoftTimeLimitExceeded) else e.__cause__

@@ -146,13 +146,14 @@ class WorkerProcess:
 
     def __init__(self, experts: Sequence[str], *, env: dict[str, str], log_path: Path | str,
                  concurrency: int = 1, pool: str = "prefork", name: str | None = None,
-                 loglevel: str = "info") -> None:
+                 loglevel: str = "info", extra_args: Sequence[str] = ()) -> None:
         self.experts = list(experts)
         self.env = dict(env)
         self.log_path = Path(log_path)
         self.name = name or f"{'+'.join(self.experts)}-{free_port()}"
         self.cmd = [*switchboard_command(), "worker", "--experts", ",".join(self.experts), "--concurrency",
-                    str(concurrency), "--pool", pool, "--loglevel", loglevel, "--hostname", f"{self.name}@%h"]
+                    str(concurrency), "--pool", pool, "--loglevel", loglevel, "--hostname", f"{self.name}@%h",
+                    *extra_args]
         self.proc: subprocess.Popen | None = None
 
     @property
