@@ -142,3 +142,29 @@ def test_batching_applies_only_off_the_main_thread() -> None:
     t.start()
     t.join()
     assert seen == [True, False]
+
+
+def test_cli_batch_flags_pick_a_threads_pool(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.settings import get_settings
+    from workers import cli
+    from workers.app import app
+
+    monkeypatch.setenv("SWITCHBOARD_EXTRA_EXPERTS", "tests.workers.batch_experts:EchoExpert")
+    for var in ("SWITCHBOARD_BATCH_MAX_SIZE", "SWITCHBOARD_BATCH_WINDOW_MS"):
+        monkeypatch.delenv(var, raising=False)  # restored (removed) after the test: main() sets them
+    get_settings.cache_clear()
+    seen: list[list[str]] = []
+    monkeypatch.setattr(app, "start", lambda argv: seen.append(argv) or 0)
+    try:
+        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--batch-window-ms", "3"]) == 0
+        s = get_settings()
+        assert (s.batch_max_size, s.batch_window_ms) == (8, 3.0)  # what the tasks of this process read
+        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "-c", "16"]) == 0
+        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--pool", "prefork"]) == 2
+        assert "needs the threads pool" in capsys.readouterr().err
+        assert cli.main(["--experts", "wt_echo", "--batch-max", "0"]) == 2
+    finally:
+        get_settings.cache_clear()
+    first, second = seen
+    assert first[first.index("--pool") + 1] == "threads" and first[first.index("--concurrency") + 1] == "8"
+    assert second[second.index("--concurrency") + 1] == "16"
