@@ -6,7 +6,9 @@
 2. **execute** — the reply's calls are validated and run by the dispatcher (in-process or Celery);
    call events (queued, started, progress, done, failed) are forwarded as they happen.
 3. **fuse** — a ``tool`` turn with one line per call (summary or error, artifact ids) is appended,
-   and the core writes the final answer (no calls allowed in it).
+   and the core writes the final answer (no calls allowed in it). Its prompt begins with the plan
+   pass's prompt and reply, so a core that offers ``new_prefix_cache()`` starts from the plan pass's
+   keys and values and prefills only the tool turn (``reuse_prefix``; same answer, less latency).
 4. **answer** — the reply with the answer, the calls (as OpenAI ``tool_calls``) and the artifacts.
 
 A reply without calls is the answer itself. Artifacts made in a turn stay addressable by id in the
@@ -64,7 +66,7 @@ class Assistant:
 
     def __init__(self, core: Any, registry: Any, store: ArtifactStore, dispatcher: Dispatcher,
                  conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
-                 max_calls: int = 16) -> None:
+                 max_calls: int = 16, reuse_prefix: bool = True) -> None:
         self.core = core
         self.registry = registry
         self.store = store
@@ -73,6 +75,7 @@ class Assistant:
         self.max_new_tokens = max_new_tokens
         self.history_messages = history_messages
         self.max_calls = max_calls
+        self.reuse_prefix = reuse_prefix
 
     # -- pieces -----------------------------------------------------------------------------------
     def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
@@ -84,14 +87,21 @@ class Assistant:
     def _images(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {i: self.store.open_image(i) for m in messages for i in (m.get("images") or [])}
 
+    def _prefix_cache(self) -> Any:
+        """A KV cache for the passes of one turn, when enabled and the core offers one."""
+        make = getattr(self.core, "new_prefix_cache", None)
+        return make() if self.reuse_prefix and make is not None else None
+
     def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
-                  emit: Callable[[Event], None]) -> str:
+                  emit: Callable[[Event], None], prefix_cache: Any = None) -> str:
         messages = self._prompt_messages(conv)
         grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, allow_calls=allow_calls,
                                                max_calls=self.max_calls)
         processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
+        extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
         return self.core.generate(messages, self._images(messages), max_new_tokens=self.max_new_tokens,
-                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(phase, t)))
+                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(phase, t)),
+                                  **extra)
 
     def plan(self, conv: Conversation) -> str:
         """The core's reply for the conversation as it stands (not executed)."""
@@ -108,7 +118,8 @@ class Assistant:
         conv.messages.append({"role": "user", "content": message, "images": list(images or [])})
 
         emit(StageEvent("planning"))
-        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit).strip()
+        prefix_cache = self._prefix_cache()
+        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache).strip()
         parsed = parse(reply)
         validated = validate(parsed, self.registry, max_calls=self.max_calls,
                              artifact_exists=lambda i: i in conv.artifacts)
@@ -155,7 +166,8 @@ class Assistant:
         conv.messages.append({"role": "tool", "content": tool_turn(lines)})
 
         emit(StageEvent("answering"))
-        answer = self._generate(conv, allow_calls=False, phase="answer", emit=emit).strip()
+        answer = self._generate(conv, allow_calls=False, phase="answer", emit=emit,
+                                prefix_cache=prefix_cache).strip()
         conv.messages.append({"role": "assistant", "content": answer})
         self.conversations.save(conv)
         result = ChatResult(conv.id, answer, reply, calls, errors, artifacts)
@@ -204,4 +216,4 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
 
         core = CoreModel.load(s.core_model)
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
-                     max_calls=s.max_calls_per_reply)
+                     max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +234,10 @@ class CoreModel:
     - ``.tokenizer``, ``.model`` (transformers, LoRA merged for inference; a peft model in training),
       ``.device``.
     - ``generate(messages, images, *, max_new_tokens=160, logits_processor=None, on_text=None,
-      system=None) -> str``: greedy decoding of the next assistant turn.
+      system=None, prefix_cache=None) -> str``: greedy decoding of the next assistant turn.
+    - ``new_prefix_cache()``: a :class:`PrefixCache` that lets one pass start from the keys and values
+      of the previous one (the loop's fusion pass from its plan pass). Cores without it (a scripted
+      core, a remote endpoint) are simply called without one.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, image_size: int = IMAGE_SIZE,
@@ -406,28 +410,47 @@ class CoreModel:
         return batch
 
     # -- generation -----------------------------------------------------------------------------
+    def new_prefix_cache(self) -> PrefixCache:
+        """An empty :class:`PrefixCache` for a sequence of passes over one growing conversation."""
+        return PrefixCache()
+
     def generate(self, messages: list[dict], images: dict[str, Image.Image] | None = None, *,
                  max_new_tokens: int = 160, logits_processor: list | None = None,
-                 on_text: Callable[[str], None] | None = None, system: str | None = None) -> str:
+                 on_text: Callable[[str], None] | None = None, system: str | None = None,
+                 prefix_cache: PrefixCache | None = None) -> str:
         """Greedy decoding of the next assistant turn (the text before ``<|im_end|>``).
 
         ``images`` maps artifact id -> PIL image for every image placeholder in ``messages``;
         ``logits_processor`` (e.g. a LogitsProcessorList with the grammar) is applied at each step;
-        ``on_text`` receives decoded text increments as they are generated.
+        ``on_text`` receives decoded text increments as they are generated; ``prefix_cache`` (from
+        :meth:`new_prefix_cache`) reuses the previous pass's keys and values for the longest common
+        token prefix and is left holding this pass's — the reply is the same with or without it.
         """
         return self.generate_batch([(messages, images or {})], max_new_tokens=max_new_tokens,
-                                   logits_processor=logits_processor, on_text=on_text, system=system)[0]
+                                   logits_processor=logits_processor, on_text=on_text, system=system,
+                                   prefix_cache=prefix_cache)[0]
 
     def generate_batch(self, conversations: Sequence[tuple[list[dict], dict[str, Image.Image]]], *,
                        max_new_tokens: int = 160, logits_processor: list | None = None,
-                       on_text: Callable[[str], None] | None = None, system: str | None = None) -> list[str]:
-        """Greedy replies for several conversations at once (left-padded; ``on_text`` only for one)."""
+                       on_text: Callable[[str], None] | None = None, system: str | None = None,
+                       prefix_cache: PrefixCache | None = None) -> list[str]:
+        """Greedy replies for several conversations at once (left-padded; ``on_text`` and
+        ``prefix_cache`` only for one)."""
         import torch
         from transformers import LogitsProcessorList
 
         if on_text is not None and len(conversations) != 1:
             raise ValueError("on_text streams one conversation at a time")
+        if prefix_cache is not None and len(conversations) != 1:
+            raise ValueError("a prefix cache follows one conversation at a time")
         items = [self.encode(m, im, system=system) for m, im in conversations]
+        image_ids = images_in(conversations[0][0]) if prefix_cache is not None else []
+        reused, skip_images = 0, 0
+        if prefix_cache is not None:
+            reused = prefix_cache.take(items[0]["input_ids"], image_ids, self.image_token_id, self.image_seq_length)
+            prompt_ids = items[0]["input_ids"]
+            skip_images = sum(t == self.image_token_id for t in prompt_ids[:reused]) // self.image_seq_length
+            items[0] = {**items[0], "images": items[0]["images"][skip_images:]}  # theirs are in the cache
         batch = self.collate(items, pad_left=True)
         batch.pop("labels")
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -437,18 +460,97 @@ class CoreModel:
         if procs is not None and not isinstance(procs, LogitsProcessorList):
             procs = LogitsProcessorList(procs)
         streamer = _TextStreamer(self.tokenizer, on_text) if on_text is not None else None
+        extra: dict[str, Any] = {}
+        if prefix_cache is not None:
+            extra["return_dict_in_generate"] = True
+            if reused:
+                extra["cache"] = prefix_cache.kv  # generate prefills only the tokens after it
         with torch.inference_mode():
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                       logits_processor=procs, streamer=streamer, eos_token_id=self.end_id,
                                       pad_token_id=self.tokenizer.pad_token_id, num_beams=1,
-                                      temperature=None, top_p=None, top_k=None)
-        new = out[:, batch["input_ids"].shape[1]:]
+                                      temperature=None, top_p=None, top_k=None, **extra)
+        sequences = out.sequences if prefix_cache is not None else out
+        if prefix_cache is not None:
+            prefix_cache.keep(sequences[0].tolist(), image_ids, getattr(out, "cache", None),
+                              prompt=batch["input_ids"].shape[1], reused=reused)
+        new = sequences[:, batch["input_ids"].shape[1]:]
         texts = []
         for row in new.tolist():
             if self.end_id in row:
                 row = row[: row.index(self.end_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
+
+
+@dataclass
+class PrefixCache:
+    """The keys and values of one conversation's latest pass, for the next pass to start from.
+
+    The loop makes one per turn: the plan pass fills it; the fusion pass, whose prompt is the plan
+    prompt + the plan reply + the tool turn, reuses the longest common prefix of token ids (image
+    blocks must also show the same artifact, since every image's tokens have the same id) and
+    prefills only the rest. Tokenisation at the reply's boundary may differ from what was generated,
+    so the prefix is found by comparing ids, never assumed. ``last`` records what the latest pass did:
+    ``prompt`` tokens, ``reused`` from the cache, ``prefilled`` (= prompt - reused).
+    """
+
+    ids: list[int] = field(default_factory=list)  # the tokens whose keys and values ``kv`` holds
+    keys: list[str | None] = field(default_factory=list)  # per token: its image's artifact id, or None
+    kv: Any = None  # a transformers DynamicCache
+    last: dict[str, int] = field(default_factory=dict)
+    image_token_id: int = -1  # set by the first ``take``
+    per_image: int = 1
+
+    @staticmethod
+    def _image_keys(ids: Sequence[int], image_ids: Sequence[str], image_token_id: int,
+                    per_image: int) -> list[str | None]:
+        keys: list[str | None] = []
+        seen = 0
+        for t in ids:
+            if t == image_token_id:
+                k = seen // per_image
+                keys.append(image_ids[k] if k < len(image_ids) else "?")
+                seen += 1
+            else:
+                keys.append(None)
+        return keys
+
+    def take(self, ids: list[int], image_ids: Sequence[str], image_token_id: int, per_image: int) -> int:
+        """How many leading tokens of the prompt ``ids`` the cache covers; crops the cache to that many.
+
+        At least one prompt token is always left to prefill (its logits start the reply), and an image
+        block is never split (its features go in whole).
+        """
+        self.image_token_id, self.per_image = image_token_id, per_image
+        keys = self._image_keys(ids, image_ids, image_token_id, per_image)
+        if self.kv is None or not self.ids:
+            return 0
+        n, limit = 0, min(len(self.ids), len(ids) - 1)
+        while n < limit and self.ids[n] == ids[n] and self.keys[n] == keys[n]:
+            n += 1
+        while 0 < n < len(ids) and keys[n] is not None and keys[n - 1] == keys[n]:
+            n -= 1  # back to the start of the image block it stopped inside
+        if n == 0:
+            self.kv = None
+            return 0
+        drop = self.kv.get_seq_length() - n
+        if drop > 0:
+            self.kv.crop(-drop)  # transformers 5: a negative count removes that many trailing tokens
+        return n
+
+    def keep(self, sequence: list[int], image_ids: Sequence[str], kv: Any, *, prompt: int, reused: int) -> None:
+        """Remember what a pass computed: ``sequence`` (prompt + reply) and the cache generate returned,
+        which holds every token of it but the last."""
+        self.last = {"prompt": prompt, "reused": reused, "prefilled": prompt - reused}
+        ok = kv is not None and getattr(kv, "is_croppable", False) and not any(getattr(kv, "is_sliding", [True]))
+        if not ok:  # a sliding-window or recurrent cache cannot be rolled back to a prefix
+            self.ids, self.keys, self.kv = [], [], None
+            return
+        n = kv.get_seq_length()
+        self.ids = sequence[:n]
+        self.keys = self._image_keys(self.ids, image_ids, self.image_token_id, self.per_image)
+        self.kv = kv
 
 
 class _TextStreamer:
