@@ -12,6 +12,11 @@ resubscribes, and reads the stored states of all pending calls to catch up on wh
 
 A call nobody picks up (no worker for its queue) fails after its deadline with an error that says
 so; the message expires at that deadline, so a worker started later does not run it for nobody.
+
+Per call, publishing costs one Redis command (the LPUSH of the message): the ``task-sent`` event
+Celery would PUBLISH right after it is buffered and sent with the others of the last
+``EVENT_FLUSH_INTERVAL_S`` in one ``task.multi`` message (as workers send theirs), and the queue is
+not re-declared on every send (calls go to the queue by name; the worker declares it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallEvent, CallFailed, Dispatcher, EventSink
 from orchestrator.settings import Settings, get_settings
 from workers.config import (
+    EVENT_FLUSH_INTERVAL_S,
     RESULT_KEY_PREFIX,
     TASK_NAME,
     broker_url,
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # run_plan's own deadline comes this much after ours, so the clearer error below is the one reported.
 SCHEDULER_SLACK_S = 2.0
-LISTEN_POLL_S = 0.2
+LISTEN_POLL_S = 0.1
 CATCH_UP_EVERY_S = 1.0
 SUBSCRIBE_WAIT_S = 5.0
 
@@ -85,6 +91,46 @@ def _exc_text(info: Any) -> tuple[str, str]:
     return str(info.get("exc_type") or "Error"), str(msg)
 
 
+class SentEvents:
+    """Takes the place of Celery's event dispatcher in ``send_task``: ``task-sent`` events are kept and
+    sent in batches (``flush_due``, called by the result listener, or at Celery's ``buffer_limit``).
+
+    An event that cannot be sent (Redis down) is kept by Celery's dispatcher and sent after the next
+    batch; events are for monitoring (Flower), so nothing waits for them.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._dispatcher = app.events.Dispatcher(app.connection_for_write(), enabled=True, buffer_group=["task"])
+        self._lock = threading.Lock()
+        self._oldest: float | None = None  # monotonic time of the oldest event not sent yet
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> None:
+        """What ``send_task`` calls after publishing a message (the producer is not needed here)."""
+        with self._lock:
+            self._dispatcher.send(type, **fields)  # sends the batch itself once it is full
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+
+    def flush_due(self, now: float) -> None:
+        if self._oldest is not None and now - self._oldest >= EVENT_FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._oldest = None
+            self._dispatcher.flush()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # events are for monitoring: never fail a close over them
+            log.debug("task-sent events not flushed: %s", e)
+        finally:
+            self._dispatcher.close()
+            if self._dispatcher.connection is not None:
+                self._dispatcher.connection.close()
+
+
 class QueuedDispatcher(Dispatcher):
     """Dispatches calls through Celery + Redis; used when ``SWITCHBOARD_BROKER_URL`` is set."""
 
@@ -105,6 +151,7 @@ class QueuedDispatcher(Dispatcher):
         self._closed = threading.Event()
         self._subscribed = threading.Event()
         self._listener: threading.Thread | None = None
+        self._sent_events = SentEvents(self.app) if self.app.conf.task_send_sent_event else None
 
     # -- the Dispatcher interface ---------------------------------------------------------------
     def timeout_for(self, expert: str) -> float:
@@ -131,7 +178,8 @@ class QueuedDispatcher(Dispatcher):
                 TASK_NAME, task_id=task_id, queue=queue, time_limit=hard, soft_time_limit=soft, expires=wait_s,
                 kwargs={"expert": expert, "args": args, "call_id": call_id, "conversation_id": conversation_id},
                 # What Flower and the logs show; also spares Celery a repr() of large arguments.
-                argsrepr="()", kwargsrepr=f"{{expert: {expert}, call_id: {call_id}, conversation_id: {conversation_id}}}")
+                argsrepr="()", kwargsrepr=f"{{expert: {expert}, call_id: {call_id}, conversation_id: {conversation_id}}}",
+                declare=[], event_dispatcher=self._sent_events)
         except Exception as e:
             self._forget(task_id)
             raise RuntimeError(f"the broker at {redacted_url(broker_url(self.settings))} cannot be reached "
@@ -154,6 +202,8 @@ class QueuedDispatcher(Dispatcher):
         for p in left:
             self._settle(p, error="the dispatcher was closed before the call finished")
         try:
+            if self._sent_events is not None:
+                self._sent_events.close()
             self.app.close()
         finally:
             self._redis.close()
@@ -189,6 +239,8 @@ class QueuedDispatcher(Dispatcher):
                         channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
                         self._on_state(channel[len(RESULT_KEY_PREFIX):], msg["data"])
                     now = time.monotonic()
+                    if self._sent_events is not None:
+                        self._sent_events.flush_due(now)
                     if now >= next_catch_up:
                         self._catch_up(quiet_for=CATCH_UP_EVERY_S)
                         next_catch_up = now + CATCH_UP_EVERY_S
