@@ -144,9 +144,8 @@ def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any], request
     ``request`` defaults to ``task.request``, which is thread-local: progress reported from a batch's
     thread (workers.batching) passes the request of the task it belongs to.
 
-    ``task.update_state`` costs two round trips (Celery reads the stored state first, so that nothing
-    overwrites a SUCCESS); STARTED and PROGRESS are written here in one, along with our own commands.
-    A SUCCESS that a redelivery overwrites with STARTED is stored again when that delivery returns it.
+    Used for PROGRESS, in one round trip with no read first (a call still running has no SUCCESS
+    stored). STARTED is stored by the backend's ``start_delivery``, which never overwrites a SUCCESS.
     """
     backend = task.backend
     request = request if request is not None else task.request
@@ -191,13 +190,9 @@ def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0"
     r = _redis()
     task_id = self.request.id
     counter = DELIVERIES_KEY.format(task_id=task_id, retries=self.request.retries)
-    with r.pipeline(transaction=False) as pipe:  # one round trip
-        pipe.incr(counter)
-        pipe.expire(counter, _count_ttl())
-        pipe.get(self.backend.get_key_for_task(task_id))
-        _queue_state(pipe, self, "STARTED", {"hostname": self.request.hostname, "pid": os.getpid(),
-                                             "retry": self.request.retries})
-        delivery, _, stored, *_ = pipe.execute()
+    # One round trip (workers.backend): count this delivery, read the stored state, store STARTED.
+    delivery, stored = self.backend.start_delivery(self.request, counter, _count_ttl(), {
+        "hostname": self.request.hostname, "pid": os.getpid(), "retry": self.request.retries})
     prior = json.loads(stored) if stored else {}
     if prior.get("status") == "SUCCESS":
         log.warning("call %s (%s, task %s) already finished; returning its stored result", call_id, expert, task_id)
