@@ -8,8 +8,10 @@ It starts its own redis-server (temp dir, AOF on) and ``switchboard worker`` pro
    (LocalDispatcher) vs Celery (QueuedDispatcher, prefork worker): p50, p99, their ratio, and the
    Celery overhead (Celery p50 - in-process p50; target < 5 ms). For scale, the same Redis also
    serves a plain Celery task (no events, no Switchboard) and a solo-pool worker;
-2. a 1 MB image passed by reference (artifact id in the message, the worker reads the shared
-   store) vs inlined in the message (base64 in the JSON), both through Celery;
+2. a 1 MB image passed by reference (artifact id in the message, the expert reads the shared
+   store): in-process vs Celery, and the Celery overhead with artifacts by reference (Celery p50 -
+   in-process p50 of the same call; target < 5 ms); and the same image inlined in the message
+   (base64 in the JSON) through Celery;
 3. throughput with 1, 2, 4, 8 worker processes on an expert that sleeps 100 ms (a stand-in for
    GPU time): efficiency = throughput / (N x single-process throughput), target >= 0.9 at 8.
 """
@@ -307,11 +309,14 @@ def run(calls: int, worker_counts: list[int], sleep_calls_per_worker: int, log: 
                     by_ref = _one_call_plan(registry, "bench_byref", {"image": meta.id})
                     inline = _one_call_plan(registry, "bench_inline", {"data": base64.b64encode(data).decode()})
                     n_img = max(20, calls // 4)
-                    r_ref, r_inl = _summary(round_trips(queued, by_ref, n_img, 3)), _summary(
-                        round_trips(queued, inline, n_img, 3))
+                    r_ref_local = _summary(round_trips(local, by_ref, calls))
+                    r_ref = _summary(round_trips(queued, by_ref, calls))
+                    r_inl = _summary(round_trips(queued, inline, n_img, 3))
                     figures["image_1mb"] = {
                         "image_bytes": len(data),
+                        "by_reference_in_process": r_ref_local,
                         "by_reference": {**r_ref, "message_arg_bytes": len(meta.id)},
+                        "celery_overhead_by_reference_p50_ms": round(r_ref["p50_ms"] - r_ref_local["p50_ms"], 3),
                         "inlined": {**r_inl, "message_arg_bytes": len(base64.b64encode(data))},
                         "ratio_p50_inlined_over_ref": round(r_inl["p50_ms"] / r_ref["p50_ms"], 1),
                     }
@@ -366,8 +371,12 @@ def print_table(f: dict[str, Any]) -> None:
           f"{rt['celery_solo_overhead_p50_ms']:.2f} ms solo; "
           f"{rt['switchboard_over_plain_celery_p50_ms']:.2f} ms above a plain Celery task")
     im = f["image_1mb"]
-    print(f"\n1 MB image ({im['image_bytes']} bytes) through Celery        p50 ms    p99 ms")
+    print(f"\n1 MB image ({im['image_bytes']} bytes)                  p50 ms    p99 ms")
+    loc = im["by_reference_in_process"]
+    print(f"  by reference, in-process              {loc['p50_ms']:9.3f} {loc['p99_ms']:9.3f}")
     print(f"  by reference (artifact id)            {im['by_reference']['p50_ms']:9.3f} {im['by_reference']['p99_ms']:9.3f}")
+    ok = "OK" if im["celery_overhead_by_reference_p50_ms"] < rt["target_overhead_p50_ms"] else "MISSED"
+    print(f"  Celery overhead by reference (p50)    {im['celery_overhead_by_reference_p50_ms']:9.3f}   (target < 5 ms: {ok})")
     print(f"  inlined (base64 in the message)       {im['inlined']['p50_ms']:9.3f} {im['inlined']['p99_ms']:9.3f}")
     print(f"  inlined / by reference (p50)          {im['ratio_p50_inlined_over_ref']:9.1f}")
     th = f["throughput_sleep_100ms"]
