@@ -20,7 +20,7 @@ import random
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,9 +30,11 @@ from experts.base import Example, Expert, ExpertResult, ImageRef, MaskRef, RunCo
 from experts.generate import GeneratorWeightsMissing, load_diffusers, model_path, torch_device
 from orchestrator.errors import SwitchboardError
 
-# the masked region's bounding box covers this fraction of the crop's side (objects in the
-# generator's training images span 0.54-0.76 of the frame)
-FILL = 0.62
+# the masked region's bounding box covers this fraction of the crop's side: objects in the
+# generator's training images span 0.54-0.76 of the frame, so a new object comes out at about
+# 0.8 of the box and is not clipped by it
+FILL = 0.8
+RECOLOUR_STRENGTH = 0.7
 _EXAMPLE_MASK = "mask-000000000000000000000000"
 
 
@@ -60,6 +62,13 @@ class EditPlan:
     prompt: str
     strength: float   # 1.0: repaint from pure noise; < 1: start from the noised original (keeps structure)
     action: str       # "replace", "recolour", "remove"
+    colour: str = ""  # a recolour's new colour
+
+    def naming(self, what: str) -> EditPlan:
+        """A recolour that knows what it recolours: "a green shape" -> "a green square"."""
+        if self.action != "recolour" or not what:
+            return self
+        return replace(self, prompt=f"a {self.colour} {what}")
 
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "gray", "pink",
@@ -82,12 +91,12 @@ def plan_edit(instruction: str) -> EditPlan:
         what = re.sub(r"^(an?|the|one)\s+", "", what)
         words = what.split()
         if words and all(w in _COLOURS for w in words):     # "turn it into red" is a recolour
-            return EditPlan(f"a {what} shape", 0.65, "recolour")
+            return EditPlan(f"a {what} shape", RECOLOUR_STRENGTH, "recolour", colour=what)
         article = "an" if what[:1] in "aeiou" else "a"
         return EditPlan(f"{article} {what}", 1.0, "replace")
     m = _RECOLOUR.search(text)
     if m:
-        return EditPlan(f"a {m.group(1)} shape", 0.65, "recolour")
+        return EditPlan(f"a {m.group(1)} shape", RECOLOUR_STRENGTH, "recolour", colour=m.group(1))
     if text:
         # anything else is taken as a description of what should be there
         return EditPlan(text, 1.0, "replace")
@@ -130,6 +139,7 @@ class EditExpert(Expert):
         super().__init__()
         self._pixel: Any = None
         self._pipe: Any = None
+        self._namer: Any = None
         self._lock = threading.Lock()
 
     def setup(self) -> None:
@@ -172,6 +182,8 @@ class EditExpert(Expert):
             ctx.progress(done / total, f"step {done}/{total}")
 
         with self._lock:
+            if self._pixel is not None and plan.action == "recolour":
+                plan = plan.naming(self._name_in_mask(image, mask))
             if self._pixel is not None:
                 repainted = self._repaint_pixel(crop, crop_mask, plan, seed, args, progress)
             else:
@@ -185,6 +197,28 @@ class EditExpert(Expert):
         return EditResult(summary=f"{plan.action}: repainted {n} masked pixels as {plan.prompt!r}; "
                                   f"pixels outside the mask unchanged (seed {seed})",
                           artifacts=[art], prompt=plan.prompt, changed_pixels=n, seed=seed)
+
+    def _name_in_mask(self, image: Any, mask: np.ndarray) -> str:
+        """What the embedded detector sees in the mask ("square"), or "" (shapes world only)."""
+        try:
+            if self._namer is None:
+                from experts.detect import DetectExpert
+
+                self._namer = DetectExpert()
+            self._namer.ensure_setup()
+            dets = self._namer._predict([image], 0.25)[0]
+        except Exception:  # no detector weights: recolour without naming the object
+            return ""
+        ys, xs = np.nonzero(mask)
+        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+        def overlap(d: Any) -> float:
+            x1, y1, x2, y2 = d.xyxy
+            iw, ih = max(0.0, min(x2, box[2]) - max(x1, box[0])), max(0.0, min(y2, box[3]) - max(y1, box[1]))
+            return iw * ih / max((x2 - x1) * (y2 - y1), 1e-6)
+
+        best = max(dets, key=overlap, default=None)
+        return best.cls if best is not None and overlap(best) > 0.5 else ""
 
     def _repaint_pixel(self, crop: Any, crop_mask: np.ndarray, plan: EditPlan, seed: int, args: EditArgs,
                        progress: Any) -> Any:
