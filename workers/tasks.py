@@ -6,7 +6,10 @@ A message carries ``expert``, ``args`` (JSON, artifact ids, never pixels), ``cal
 1. counts this delivery in Redis (``switchboard:deliveries:<task id>:<retry>``). Late acks plus
    reject-on-worker-lost deliver a call again whenever its worker dies, so a call that kills every
    worker it lands on would loop forever; after ``worker_max_deliveries`` deaths it is pushed to
-   the Redis list ``switchboard:dead`` and fails with "… killed its worker N times; dead-lettered";
+   the Redis list ``switchboard:dead`` and fails with "… killed its worker N times; dead-lettered".
+   A redelivered message waits for the count (and the check below) before it runs; a first
+   delivery has nothing to check, so it sends the count with STARTED and runs while they travel
+   (workers.backend);
 2. returns the stored result if an earlier delivery already finished (its ack was lost), so a
    redelivered call does not run twice;
 3. runs the expert through ``orchestrator.dispatch.execute_call`` (the same code as the in-process
@@ -190,9 +193,34 @@ def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0"
     r = _redis()
     task_id = self.request.id
     counter = DELIVERIES_KEY.format(task_id=task_id, retries=self.request.retries)
-    # One round trip (workers.backend): count this delivery, read the stored state, store STARTED.
-    delivery, stored = self.backend.start_delivery(self.request, counter, _count_ttl(), {
-        "hostname": self.request.hostname, "pid": os.getpid(), "retry": self.request.retries})
+    started = {"hostname": self.request.hostname, "pid": os.getpid(), "retry": self.request.retries}
+    reply = None
+    if (self.request.delivery_info or {}).get("redelivered"):
+        # One round trip (workers.backend): count this delivery, read the stored state, store STARTED;
+        # its answers decide whether the call runs.
+        delivery, stored = self.backend.start_delivery(self.request, counter, _count_ttl(), started)
+    else:
+        # A first delivery has no earlier death or result to find: the same command is sent, and the
+        # call runs while it travels (it is in Redis's hands before the call can kill this process).
+        reply = self.backend.send_start_delivery(self.request, counter, _count_ttl(), started)
+        delivery, stored = 1, None
+    try:
+        return _run_counted(self, settings, r, delivery, stored, expert, args, call_id, conversation_id)
+    finally:
+        if reply is not None:  # read the reply whatever happened, so the connection goes back to the pool
+            _finish_start(reply, task_id)
+
+
+def _finish_start(reply: Any, task_id: str) -> None:
+    try:
+        reply()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:  # the call itself is done
+        log.warning("task %s: the delivery count and STARTED may not be stored (%s)", task_id, e)
+
+
+def _run_counted(self: Any, settings: Any, r: redis.Redis, delivery: int, stored: bytes | None,
+                 expert: str, args: dict[str, Any], call_id: str, conversation_id: str | None) -> dict[str, Any]:
+    task_id = self.request.id
     prior = json.loads(stored) if stored else {}
     if prior.get("status") == "SUCCESS":
         log.warning("call %s (%s, task %s) already finished; returning its stored result", call_id, expert, task_id)
