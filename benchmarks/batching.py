@@ -2,8 +2,9 @@
 
     python benchmarks/batching.py [--json] [--experts detect,segment,generate] [--calls 16] [--rounds 4]
 
-It starts its own redis-server and, for each expert, two ``switchboard worker`` processes one after
-the other on the same queue, measured the same way:
+It starts its own redis-server and, for each expert, two ``switchboard worker`` processes on the same
+queue, both with their model loaded; measured rounds alternate between them (only the measured one
+consumes the queue), so a change in the machine's load hits both alike:
 
 - one at a time: the default worker (prefork, ``--concurrency 1``): calls run one after another;
 - batched: ``--batch-max 16 --batch-window-ms 10`` (a threads pool of 16; concurrent calls of the
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -119,29 +121,59 @@ def run_round(dispatcher: Any, name: str, calls: list[dict[str, Any]], tag: str)
     return wall, lat
 
 
-def measure(name: str, mode: str, worker_args: dict[str, Any], ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def summarise(walls: list[float], lats: list[float], calls: int) -> dict[str, Any]:
+    return {"calls_per_s": calls / sum(walls), "p50_ms": 1000 * statistics.median(lats),
+            "p95_ms": 1000 * pct(lats, 0.95), "max_ms": 1000 * max(lats), "round_s": [round(x, 3) for x in walls]}
+
+
+def compare(name: str, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Both workers up at once, models loaded; rounds alternate between them (only the measured one
+    consumes the queue: Celery's add/cancel consumer), so a change in the machine's load hits both."""
     from workers.testing import WorkerProcess
 
-    a = ctx["args"]
-    w = WorkerProcess([name], env=ctx["env"], log_path=ctx["tmp"] / f"worker-{name}-{mode}.log",
-                      name=f"bench-{name}-{mode}", loglevel="warning", **worker_args)
-    w.start(timeout=120)
+    a, d = ctx["args"], ctx["dispatcher"]
+    modes = {
+        "one_at_a_time": {"concurrency": 1},
+        "batched": {"concurrency": a.batch_max, "pool": "threads",
+                    "extra_args": ["--batch-max", str(a.batch_max), "--batch-window-ms", str(a.window_ms)]},
+    }
+    workers = {m: WorkerProcess([name], env=ctx["env"], log_path=ctx["tmp"] / f"worker-{name}-{m}.log",
+                                name=f"bench-{name}-{m.replace('_', '-')}", loglevel="warning", **kw)
+               for m, kw in modes.items()}
+    host = socket.gethostname()
+    queue = ctx["registry"].get_class(name).queue_name()
+
+    def only(mode: str) -> None:
+        for m, w in workers.items():
+            node = [f"{w.name}@{host}"]
+            if m == mode:
+                d.app.control.add_consumer(queue, destination=node, reply=True, timeout=10)
+            else:
+                d.app.control.cancel_consumer(queue, destination=node, reply=True, timeout=10)
+
     try:
-        for r in range(WARMUP_ROUNDS):
-            run_round(ctx["dispatcher"], name, make_inputs(name, ctx["store"], 900 + r, a.calls), f"{mode}-w{r}")
-        walls, lats = [], []
+        for w in workers.values():
+            w.start(timeout=120)
+        walls: dict[str, list[float]] = {m: [] for m in modes}
+        lats: dict[str, list[float]] = {m: [] for m in modes}
+        for m in modes:
+            only(m)
+            for r in range(WARMUP_ROUNDS):
+                run_round(d, name, make_inputs(name, ctx["store"], 900 + r, a.calls), f"{m}-w{r}")
         for r in range(a.rounds):
-            wall, lat = run_round(ctx["dispatcher"], name, ctx["inputs"][name][r], f"{mode}-{r}")
-            walls.append(wall)
-            lats.extend(lat)
-            time.sleep(0.2)
+            for m in (modes if r % 2 == 0 else reversed(list(modes))):
+                only(m)
+                wall, lat = run_round(d, name, ctx["inputs"][name][r], f"{m}-{r}")
+                walls[m].append(wall)
+                lats[m].extend(lat)
+                time.sleep(0.2)
     finally:
-        w.stop()
-    calls = a.calls * a.rounds
-    row = {"calls_per_s": calls / sum(walls), "p50_ms": 1000 * statistics.median(lats),
-           "p95_ms": 1000 * pct(lats, 0.95), "max_ms": 1000 * max(lats), "round_s": [round(x, 3) for x in walls]}
-    log(f"  {name} {mode}: {row['calls_per_s']:.2f} calls/s, p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms")
-    return row
+        for w in workers.values():
+            w.stop()
+    rows = {m: summarise(walls[m], lats[m], a.calls * a.rounds) for m in modes}
+    for m, row in rows.items():
+        log(f"  {name} {m}: {row['calls_per_s']:.2f} calls/s, p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms")
+    return rows
 
 
 def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -188,13 +220,11 @@ def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                         continue
                     inputs = {name: [make_inputs(name, store, r + 1, a.calls) for r in range(a.rounds)]}
                     ctx = {"args": a, "env": env, "tmp": tmp, "store": store, "dispatcher": dispatcher,
-                           "inputs": inputs}
-                    log(f"{name}: one at a time, then batched ({a.calls} concurrent calls x {a.rounds} rounds)")
-                    single = measure(name, "one-at-a-time", {"concurrency": 1}, ctx, log)
-                    batched = measure(name, "batched", {
-                        "concurrency": a.batch_max, "pool": "threads",
-                        "extra_args": ["--batch-max", str(a.batch_max), "--batch-window-ms", str(a.window_ms)]},
-                        ctx, log)
+                           "inputs": inputs, "registry": registry}
+                    log(f"{name}: one at a time vs batched, alternating ({a.calls} concurrent calls x {a.rounds} "
+                        "rounds each)")
+                    rows = compare(name, ctx, log)
+                    single, batched = rows["one_at_a_time"], rows["batched"]
                     ratio = batched["calls_per_s"] / single["calls_per_s"]
                     figures["experts"][name] = {
                         "one_at_a_time": single, "batched": batched,

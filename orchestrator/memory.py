@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,6 +137,11 @@ class MemoryBudget:
         #: what was unloaded, in order: (name, bytes, "teardown" | "offload")
         self.evictions: list[tuple[str, int, str]] = []
         self.loads: dict[str, int] = {}  # setups per expert name
+        self.load_seconds: dict[str, list[float]] = {}  # how long each setup() took, by expert name
+        #: the most model bytes resident at once, including a first load's moment over the budget
+        self.peak_bytes = 0
+        #: the most model bytes resident once each load had made its room (what the budget bounds)
+        self.peak_settled_bytes = 0
 
     # -- what is loaded -----------------------------------------------------------------------
     @property
@@ -160,8 +166,9 @@ class MemoryBudget:
             known = self._known.get(name)
             if known:
                 self._make_room(known, keep=expert)
-        rss0 = rss_bytes()
+        rss0, t0 = rss_bytes(), time.perf_counter()
         yield
+        seconds = time.perf_counter() - t0
         rss_delta = max(0, rss_bytes() - rss0)
         modules = torch_modules(expert)
         device = model_device(modules) if modules else "cpu"
@@ -172,9 +179,12 @@ class MemoryBudget:
         with self._lock:
             self._known[name] = size
             self.loads[name] = self.loads.get(name, 0) + 1
+            self.load_seconds.setdefault(name, []).append(seconds)
             self._loaded[id(expert)] = LoadedExpert(name, expert, size, how, device)
             self._loaded.move_to_end(id(expert))
+            self.peak_bytes = max(self.peak_bytes, self.used_bytes)
             self._make_room(0, keep=expert)
+            self.peak_settled_bytes = max(self.peak_settled_bytes, self.used_bytes)
         log.info("loaded expert %s: %.1f MiB (%s); experts resident: %.1f MiB%s", name, size / MB, how,
                  self.used_bytes / MB, f" of {self.limit_bytes / MB:.1f}" if self.limit_bytes else "")
 
@@ -191,6 +201,8 @@ class MemoryBudget:
                     module.to(device)
                 entry.moved.clear()
                 entry.offloaded = False
+                self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+                self.peak_settled_bytes = max(self.peak_settled_bytes, self.used_bytes)
 
     def forget(self, expert: Any) -> None:
         """The expert was torn down (by the budget or by anyone else)."""
@@ -218,8 +230,9 @@ class MemoryBudget:
         if self.limit_bytes is None:
             return
         while self.used_bytes + need > self.limit_bytes:
-            victim = next((e for k, e in self._loaded.items()
-                           if not e.offloaded and e.expert is not keep and not self._pins.get(k)), None)
+            # (an expert that holds nothing measurable frees nothing: it stays)
+            victim = next((e for k, e in self._loaded.items() if e.bytes > 0 and not e.offloaded
+                           and e.expert is not keep and not self._pins.get(k)), None)
             if victim is None:
                 log.warning("expert memory budget %.1f MiB exceeded (%.1f MiB resident, %.1f MiB more wanted): "
                             "every other loaded expert is in use", self.limit_bytes / MB, self.used_bytes / MB,

@@ -151,10 +151,13 @@ class Batcher:
             self._run_one(calls[0])
             return
         expert = self.expert
+        t0 = time.monotonic()
         try:
             with pinned(expert):
                 expert.ensure_setup()
                 results = expert.run_batch([(c.args, c.ctx) for c in calls])
+            log.debug("%s: a batch of %d in %.1f ms (the oldest call waited %.1f ms for it)", expert.name,
+                      len(calls), 1000 * (time.monotonic() - t0), 1000 * (t0 - calls[0].arrived))
             if len(results) != len(calls):
                 raise TypeError(f"{expert.name}.run_batch returned {len(results)} results for {len(calls)} calls")
         except Exception as e:
