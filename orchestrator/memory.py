@@ -175,7 +175,9 @@ class MemoryBudget:
         if modules:
             size, how = module_bytes(modules, device_type="cuda" if device == "cuda" else None), "modules"
         else:
-            size, how = rss_delta, "rss"
+            # A reload reuses what the first load left mapped (libraries, the allocator's pools), so
+            # its RSS growth understates the expert: keep the largest growth measured.
+            size, how = max(rss_delta, self._known.get(name, 0)), "rss"
         with self._lock:
             self._known[name] = size
             self.loads[name] = self.loads.get(name, 0) + 1
