@@ -12,7 +12,8 @@ batch runs wait for the next one, which starts as soon as the running batch ends
 already passed), so a busy expert runs back-to-back full batches and an idle one adds at most the
 window to a lone call.
 
-Errors: arguments are validated by each caller before its call joins a batch, so bad input fails
+Only experts that override ``run_batch`` are batched; the calls of the others run side by side on
+their task threads. Errors: arguments are validated by each caller before its call joins a batch, so bad input fails
 alone. A batch that raises is run again one call at a time (``Expert.__call__``), so one call's
 error is that call's alone; an expert's ``run_batch`` should therefore have no side effects beyond
 artifacts (content-addressed: writing one twice is harmless) and progress events.
@@ -227,8 +228,18 @@ class BatchingRegistry:
         self.registry = registry
         self.batchers = batchers
 
-    def instance(self, name: str) -> _BatchedExpert:
-        return _BatchedExpert(self.batchers.for_expert(self.registry.instance(name)))
+    def instance(self, name: str) -> Any:
+        expert = self.registry.instance(name)
+        if not has_batch_implementation(expert):
+            # The default run_batch only loops over run(): batching would just serialise the calls
+            # (and a failure would run the earlier ones again); they run concurrently on their threads.
+            return expert
+        return _BatchedExpert(self.batchers.for_expert(expert))
+
+
+def has_batch_implementation(expert: Expert) -> bool:
+    """Whether the expert's class overrides ``Expert.run_batch`` (batches for real)."""
+    return type(expert).run_batch is not Expert.run_batch
 
 
 class _BatchedExpert:

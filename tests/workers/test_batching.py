@@ -134,6 +134,17 @@ def test_execute_call_through_the_batching_registry(expert: EchoExpert, tmp_path
     batching.batchers.close()
 
 
+def test_experts_without_a_run_batch_are_not_batched() -> None:
+    from experts.crop import CropExpert
+
+    reg = Registry()
+    reg.register(EchoExpert, "tests")
+    reg.register(CropExpert, "tests")
+    batching = BatchingRegistry(reg, ExpertBatchers(max_size=4, window_s=0.01))
+    assert batching.instance("crop") is reg.instance("crop")
+    assert batching.instance("wt_echo").batcher.expert is reg.instance("wt_echo")
+
+
 def test_batching_applies_only_off_the_main_thread() -> None:
     on, off = Settings(batch_max_size=8), Settings(batch_max_size=1)
     assert not batching_applies(on)  # a prefork child or solo pool runs tasks on its main thread
