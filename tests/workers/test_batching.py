@@ -162,7 +162,10 @@ def test_cli_batch_flags_pick_a_threads_pool(monkeypatch: pytest.MonkeyPatch, ca
 
     monkeypatch.setenv("SWITCHBOARD_EXTRA_EXPERTS", "tests.workers.batch_experts:EchoExpert")
     for var in ("SWITCHBOARD_BATCH_MAX_SIZE", "SWITCHBOARD_BATCH_WINDOW_MS"):
-        monkeypatch.delenv(var, raising=False)  # restored (removed) after the test: main() sets them
+        # main() sets them in os.environ; setenv first so that monkeypatch puts back what was there
+        # (delenv of an absent variable records nothing to undo)
+        monkeypatch.setenv(var, "1")
+        monkeypatch.delenv(var)
     get_settings.cache_clear()
     seen: list[list[str]] = []
     monkeypatch.setattr(app, "start", lambda argv: seen.append(argv) or 0)
