@@ -45,9 +45,13 @@ def test_flower_sees_every_call_through_its_events(start_worker, dispatcher, tes
     assert result.ok
     try:
         deadline = time.monotonic() + 10
+        # events travel in batches (up to ~0.1 s late, task-sent from the orchestrator's listener), so
+        # wait for all of them, not just for the tasks' final state
+        kinds = ("task-sent", "task-received", "task-started", "task-succeeded")
         while time.monotonic() < deadline:
-            done = [t for t in state.tasks.values() if t.state == "SUCCESS"]
-            if len(done) == 5:
+            done = [t for t in state.tasks.values() if t.state == "SUCCESS"
+                    and t.sent and t.received and t.started and t.succeeded]
+            if len(done) == 5 and all(seen.count(k) >= 5 for k in kinds):
                 break
             time.sleep(0.05)
         tasks = list(state.tasks.values())
