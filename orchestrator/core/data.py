@@ -26,10 +26,10 @@ held-out part; a held-out sample is built from at least one held-out part (its t
 frame). Requests written by people who never saw these parts live in
 ``training/core_heldout_human.jsonl``.
 
-Experts that the design names but that are not registered yet (detect, segment, generate, edit)
-are stood in for by ``planned_experts()`` with the arguments agreed for them, so the shipped core
-learns their calls; a registered expert of the same name always wins (``data_registry``), and its
-own examples are used together with those of ours that validate against its ``Args``.
+Experts that the design names (detect, segment, generate, edit) are filled in by ``planned_experts()``
+when a registry lacks them (stand-ins with the agreed arguments for detect and segment, the real
+classes for generate and edit); a registered expert of the same name always wins (``data_registry``),
+and its own examples are used together with those of ours that validate against its ``Args``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from experts.base import (
     Expert,
     ExpertResult,
     ImageRef,
-    MaskRef,
     artifact_fields,
 )
 from orchestrator.commands import Call, format_call, format_value
@@ -77,12 +76,11 @@ def in_split(items: Sequence[Any], split: str) -> list[Any]:
 
 
 # -- experts the design names, stood in for until they are registered ------------------------------
-_NO_MASK = "mask-000000000000000000000000"  # an example's mask: the generator supplies a real one
 
 
 @lru_cache(maxsize=1)
 def planned_experts() -> dict[str, type[Expert]]:
-    """Stand-ins (never run) for detect, segment, generate and edit, with their agreed arguments."""
+    """Stand-ins (never run) for detect and segment with their agreed arguments; generate and edit."""
 
     class DetectArgs(BaseModel):
         image: ImageRef
@@ -147,57 +145,12 @@ def planned_experts() -> dict[str, type[Expert]]:
             Example(request="isolate the {object}", args={"image": "{image}", "target": "the {object}"}),
         ]
 
-    class GenerateArgs(BaseModel):
-        prompt: str = Field(min_length=1, max_length=300, description="What to draw.")
-        negative_prompt: str | None = Field(default=None, max_length=300, description="What to avoid.")
-        size: int = Field(default=64, ge=16, le=1024, description="Side in pixels.")
-        steps: int = Field(default=20, ge=1, le=200, description="Denoising steps.")
-        guidance: float = Field(default=3.0, ge=0.0, le=30.0, description="Classifier-free guidance.")
-        seed: int | None = Field(default=None, description="Random seed.")
+    # generate and edit exist now: their own classes (whose examples include everything the stand-ins
+    # taught) fill in for registries that lack them, e.g. a test's crop-only registry
+    from experts.edit import EditExpert
+    from experts.generate import GenerateExpert
 
-    class GenerateStandIn(Expert):
-        name = "generate"
-        description = "Draw a new image from a text prompt."
-        Args = GenerateArgs
-        Result = ExpertResult
-        examples = [
-            Example(request="draw {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="generate an image of {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="make a picture of {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="I'd like a new image showing {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="paint {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="generate {prompt} with seed 7", args={"prompt": "{prompt}", "seed": 7}),
-            Example(request="draw {prompt} without anything {colour}",
-                    args={"prompt": "{prompt}", "negative_prompt": "{colour}"}),
-            Example(request="create {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="render {prompt} at 128 pixels", args={"prompt": "{prompt}", "size": 128}),
-            Example(request="generate {prompt} quickly, 10 steps", args={"prompt": "{prompt}", "steps": 10}),
-            Example(request="sketch {prompt}", args={"prompt": "{prompt}"}),
-            Example(request="produce an image: {prompt}", args={"prompt": "{prompt}"}),
-        ]
-
-    class EditArgs(BaseModel):
-        image: ImageRef
-        mask: MaskRef
-        instruction: str = Field(min_length=1, max_length=300, description="What to do inside the mask.")
-
-    class EditStandIn(Expert):
-        name = "edit"
-        description = "Repaint the masked region of an image following an instruction."
-        Args = EditArgs
-        Result = ExpertResult
-        examples = [
-            Example(request="remove it", args={"image": "{image}", "mask": _NO_MASK, "instruction": "remove it"}),
-            Example(request="now make it {colour}", args={"image": "{image}", "mask": _NO_MASK,
-                                                          "instruction": "make it {colour}"}),
-            Example(request="erase that", args={"image": "{image}", "mask": _NO_MASK, "instruction": "remove it"}),
-            Example(request="paint it {colour}", args={"image": "{image}", "mask": _NO_MASK,
-                                                       "instruction": "make it {colour}"}),
-            Example(request="turn it into a {shape}", args={"image": "{image}", "mask": _NO_MASK,
-                                                            "instruction": "turn it into a {shape}"}),
-        ]
-
-    return {c.name: c for c in (DetectStandIn, SegmentStandIn, GenerateStandIn, EditStandIn)}
+    return {c.name: c for c in (DetectStandIn, SegmentStandIn, GenerateExpert, EditExpert)}
 
 
 def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
