@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from experts.base import Example, Expert, ExpertResult, RunContext
@@ -196,7 +195,3 @@ def run_diffusers_text2image(pipe: Any, prompts: list[str], negatives: list[str]
                guidance_scale=guidance, generator=_generators(seeds), output_type="pil",
                callback_on_step_end=_callback(progress, steps), **kwargs)
     return [img.convert("RGB") for img in out.images]
-
-
-def as_array(img: Any) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
