@@ -33,6 +33,9 @@ ID_PATTERN = re.compile(r"^(?P<kind>image|overlay|mask|boxes|text|json)-(?P<hex>
 # Image formats we decode; everything else is refused before PIL's plugin zoo sees it.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 IMAGE_KINDS = ("image", "overlay", "mask")
+# zlib level of the PNGs experts write: 1 encodes several times faster than Pillow's default 6 (a large
+# share of a small call: overlays and masks are written on every call) for larger files (+15 to +60 %)
+PNG_COMPRESS_LEVEL = 1
 
 
 class ArtifactMeta(BaseModel):
@@ -202,7 +205,7 @@ class ArtifactStore:
         if kind == "mask" and image.mode not in ("L", "1"):
             image = image.convert("L")
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return self.put_bytes(buf.getvalue(), kind=kind, media_type="image/png", width=image.width,
                               height=image.height, **kw)
 
