@@ -220,14 +220,17 @@ FILE_EXTS = ["png", "jpg", "jpeg", "webp"]
 # swapped for another of the same list and split.
 SYNONYMS: dict[str, list[str]] = {
     "detect": ["find", "locate", "detect", "look for", "search for", "spot", "pick out", "identify",
-               "track down", "highlight", "box", "seek out"],
+               "track down", "highlight", "box", "seek out", "pinpoint", "scan for", "find me"],
     "segment": ["segment", "outline", "mask", "trace", "select", "isolate", "cut out the shape of",
-                "delineate"],
+                "delineate", "get a mask of", "extract the shape of", "create a mask for"],
     "crop": ["crop", "trim", "cut out", "crop out", "zoom in on", "clip"],
     "generate": ["draw", "generate", "make", "create", "paint", "render", "produce", "sketch",
-                 "illustrate", "design", "dream up", "come up with"],
-    "remove": ["remove", "erase", "delete", "get rid of", "take out", "wipe out", "clear away", "eliminate"],
-    "recolour": ["make", "turn", "colour", "paint", "change", "recolour", "dye", "tint"],
+                 "illustrate", "design", "dream up", "come up with", "whip up", "craft",
+                 "put together"],
+    "remove": ["remove", "erase", "delete", "get rid of", "take out", "wipe out", "clear away", "eliminate",
+               "strip out", "scrub out", "discard"],
+    "recolour": ["make", "turn", "colour", "paint", "change", "recolour", "dye", "tint", "repaint", "shade",
+                 "re-colour"],
 }
 TYPO_RATE = 0.12
 PREFIX_RATE = 0.18

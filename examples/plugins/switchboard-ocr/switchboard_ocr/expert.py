@@ -72,6 +72,18 @@ class OcrExpert(Expert):
                 args={"image": "{image}", "region": [0, 0, 500, 1000]}),
         Example(request="read the text, only the parts you are sure of",
                 args={"image": "{image}", "min_confidence": 0.8}),
+        # more phrasings, questions as well as commands: a router learns what this expert is for from
+        # these (item i % 4 == 3 of the list is held out of the core's training)
+        Example(request="what text is in the image?", args={"image": "{image}"}),
+        Example(request="read this for me", args={"image": "{image}"}),
+        Example(request="can you tell me what the writing on it reads?", args={"image": "{image}"}),
+        Example(request="extract the text from this image", args={"image": "{image}"}),
+        Example(request="which words appear in the picture?", args={"image": "{image}"}),
+        Example(request="copy out the printed text", args={"image": "{image}"}),
+        Example(request="what do the letters on it spell?", args={"image": "{image}"}),
+        Example(request="get the text at the bottom of the image",
+                args={"image": "{image}", "region": [0, 500, 1000, 1000]}),
+        Example(request="OCR this image", args={"image": "{image}"}),
     ]
 
     def __init__(self) -> None:
