@@ -21,6 +21,7 @@ starting a Celery prefork parent never loads a model. Results carry artifact ids
 from __future__ import annotations
 
 import functools
+import os
 import re
 import string
 import threading
@@ -161,6 +162,18 @@ class RunContext:
     def save_text(self, text: str, role: str = "text") -> OutputArtifact:
         meta: ArtifactMeta = self.store.put_text(text, **self._tags())
         return OutputArtifact(id=meta.id, kind=meta.kind, role=role)
+
+
+def map_on_threads(fn: Callable[[Any], Any], items: Sequence[Any], *, name: str = "expert-batch") -> list[Any]:
+    """``[fn(x) for x in items]`` on up to one thread per CPU, in order: for a batch's per-call work
+    that releases the GIL (PNG decoding and encoding, numpy). One item or one CPU: the calling thread."""
+    import concurrent.futures as cf
+
+    threads = min(len(items), os.cpu_count() or 1)
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
 
 
 class Expert:

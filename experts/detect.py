@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext
+from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext, map_on_threads
 from orchestrator.errors import SwitchboardError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -519,29 +519,21 @@ class DetectExpert(Expert):
         """All images of the batch go through one ultralytics predict call; decoding the images before
         it and each call's overlay and artifacts after it run on a few threads (PNG decoding and
         encoding release the GIL). Same results as ``run`` on each call."""
-        import concurrent.futures as cf
-
         self.ensure_setup()
         assert self._matcher is not None
         items = [(a if isinstance(a, DetectArgs) else DetectArgs.model_validate(a), ctx) for a, ctx in items]
-        threads = min(len(items), os.cpu_count() or 1)
-        pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="detect-batch") if threads > 1 else None
-        try:
-            mapper = pool.map if pool is not None else map
-            images = list(mapper(lambda it: it[1].open_image(it[0].image), items))
-            parsed = [self._matcher.parse(a.query) for a, _ in items]
-            for _, ctx in items:
-                ctx.progress(0.1, "detecting")
-            todo = [i for i, p in enumerate(parsed) if p.ok]
-            conf = min((items[i][0].confidence for i in todo), default=0.25)
-            preds = self._predict([images[i] for i in todo], conf=conf)
-            dets: list[list[Detection]] = [[] for _ in items]
-            for i, d in zip(todo, preds, strict=True):
-                dets[i] = d
-            return list(mapper(lambda i: self._finish(*items[i], images[i], parsed[i], dets[i]), range(len(items))))
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        images = map_on_threads(lambda it: it[1].open_image(it[0].image), items, name="detect-batch")
+        parsed = [self._matcher.parse(a.query) for a, _ in items]
+        for _, ctx in items:
+            ctx.progress(0.1, "detecting")
+        todo = [i for i, p in enumerate(parsed) if p.ok]
+        conf = min((items[i][0].confidence for i in todo), default=0.25)
+        preds = self._predict([images[i] for i in todo], conf=conf)
+        dets: list[list[Detection]] = [[] for _ in items]
+        for i, d in zip(todo, preds, strict=True):
+            dets[i] = d
+        return map_on_threads(lambda i: self._finish(*items[i], images[i], parsed[i], dets[i]), range(len(items)),
+                              name="detect-batch")
 
 
 class _LazyEncoder:

@@ -52,7 +52,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from experts.base import BoxesRef, Example, Expert, ExpertResult, ImageRef, OutputArtifact, RunContext
+from experts.base import (
+    BoxesRef,
+    Example,
+    Expert,
+    ExpertResult,
+    ImageRef,
+    OutputArtifact,
+    RunContext,
+    map_on_threads,
+)
 from orchestrator.errors import SwitchboardError
 
 if TYPE_CHECKING:
@@ -740,8 +749,6 @@ class SegmentExpert(Expert):
         pass, then each call's masks upsampled, refined and saved on a few threads (numpy, scipy and
         PNG encoding release the GIL). Text targets ground through detect per call, as in ``run``.
         Same results as ``run`` on each call."""
-        import concurrent.futures as cf
-
         self.ensure_setup()
         assert self.runner is not None
         items = [(a if isinstance(a, SegmentArgs) else SegmentArgs.model_validate(a), c) for a, c in items]
@@ -793,11 +800,7 @@ class SegmentExpert(Expert):
             prompt = "boxes" if args.boxes is not None else "points"
             return self._result(ctx, args.image, images[i], masks, scores, labels[i], prompt, args.multimask, None)
 
-        threads = min(len(items), os.cpu_count() or 1)
-        if threads <= 1:
-            return [finish(i) for i in range(len(items))]
-        with cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="segment-batch") as pool:
-            return list(pool.map(finish, range(len(items))))
+        return map_on_threads(finish, range(len(items)), name="segment-batch")
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
