@@ -232,6 +232,132 @@ SYNONYMS: dict[str, list[str]] = {
     "recolour": ["make", "turn", "colour", "paint", "change", "recolour", "dye", "tint", "repaint", "shade",
                  "re-colour"],
 }
+# -- train-only breadth -----------------------------------------------------------------------------
+# The lists above are split 3:1; the parts below are *composed* from small vocabularies and used by
+# the training split only, to give every intent many more phrasings than anyone would list by hand
+# (what a 135M model needs to learn the intent instead of the surface). They never enter the held-out
+# split, and ``train_only`` drops any composed part that contains a held-out part of its list (a
+# held-out verb, frame or phrasing), so the held-out set stays unseen and is exactly what it was.
+def compose(*vocab: Sequence[str]) -> list[str]:
+    """Every combination of one item per vocabulary, joined by spaces, deduplicated in order."""
+    out = [""]
+    for words in vocab:
+        out = [f"{a} {b}".strip() for a in out for b in words]
+    seen: dict[str, None] = {}
+    for s in out:
+        seen.setdefault(" ".join(s.split()), None)
+    return list(seen)
+
+
+def _core_words(part: str) -> str:
+    """A part as bare lower-case words (slots and punctuation dropped), for containment checks."""
+    return " ".join(re.findall(r"[a-z0-9']+", re.sub(r"\{[a-z0-9_@]+\}", " ", part.lower())))
+
+
+def train_only(extra: Sequence[str], split_list: Sequence[str]) -> list[str]:
+    """``extra`` without the items that contain (as whole words) a held-out item of ``split_list``
+    or equal any item of it."""
+    held = [w for w in (_core_words(h) for h in in_split(split_list, "heldout")) if w] \
+        if len(split_list) >= 4 else []
+    listed = {_core_words(x) for x in split_list}
+    out = []
+    for x in extra:
+        w = f" {_core_words(x)} "
+        if _core_words(x) in listed or any(f" {h} " in w for h in held):
+            continue
+        out.append(x)
+    return out
+
+
+def parts(items: Sequence[str], split: str, extra: Sequence[str] = ()) -> list[str]:
+    """The split's share of a list of parts; training adds the train-only ``extra`` parts."""
+    own = in_split(items, split)
+    return own + train_only(extra, items) if split == "train" else own
+
+
+_VERBS_EXTRA: dict[str, list[str]] = {
+    "detect": [
+        *compose(["show me", "give me", "tell me", "get me", "return", "I need", "I want", "report"],
+                 ["the location of", "the coordinates of", "a bounding box for", "the bounding boxes of",
+                  "the whereabouts of", "boxes for"]),
+        *compose(["draw", "put", "place", "add"], ["a box around", "boxes around", "a bounding box around",
+                                                    "a rectangle around", "a frame around"]),
+        "flag", "tag", "point to", "search the image for", "hunt for", "check for",
+        "find all", "find each", "locate all", "spot any", "detect all", "scan the picture for",
+        "find out where", "track", "find and box", "recognise", "discover", "catch",
+    ],
+    "segment": [
+        *compose(["give me", "get", "make", "produce", "create", "return", "compute", "I need", "I want",
+                  "generate", "show me", "output", "extract"],
+                 ["a mask of", "the mask of", "a segmentation of", "a segmentation mask for",
+                  "the silhouette of", "the contour of", "the exact outline of", "a pixel mask of",
+                  "a cut-out of", "the exact shape of", "a binary mask of", "the boundary of",
+                  "the region of"]),
+        "mask out", "segment out", "carve out", "cut around", "contour", "silhouette", "matte",
+        "separate out", "follow the edges of", "draw around the edges of", "draw a contour around",
+        "mark the exact pixels of", "pick out the pixels of", "cut the outline of", "find the edges of",
+        "draw the boundary of", "mask off", "segment out the region of", "select the pixels of",
+    ],
+    "crop": ["cut down to", "crop in on", "snip", "frame", "crop away everything but", "focus on",
+             "close in on", "enlarge", "magnify", "zoom into", "tighten the frame on", "cut the image to",
+             "reframe on", "crop tightly around", "keep only"],
+    "generate": [
+        *compose(["make", "create", "produce", "give me", "show me", "I want", "I'd like", "render"],
+                 ["a picture of", "an image of", "a drawing of", "an illustration of", "some art of",
+                  "a new image of", "a fresh picture of", "a synthetic image of", "artwork of"]),
+        "generate me", "draw up", "conjure", "imagine", "visualise", "visualize", "depict", "picture",
+        "compose", "doodle", "mock up", "synthesise", "cook up", "draw me", "make me", "create me",
+        "output", "build", "invent", "fabricate",
+    ],
+    "remove": ["rub out", "blot out", "wipe away", "cut", "clean up", "take away", "zap", "drop", "hide",
+               "cover up", "purge", "do away with", "edit out", "pull out", "knock out", "clean out",
+               "remove all traces of", "throw out", "obliterate"],
+    "recolour": ["color", "recolor", "colorize", "colourise", "fill", "set", "convert", "transform",
+                 "alter", "modify", "switch", "restyle", "redo"],
+}
+FRAMES_EXTRA_IMPERATIVE = [
+    f"{g}{m.replace('{c}', c)}"
+    for g in ["", "hi, ", "hey ", "hello, ", "so ", "right, ", "yo ", "morning! ", "excuse me, ", "hiya, ",
+              "next: ", "one more: ", "okay "]
+    for m in ["{r}{c}", "please {r}{c}", "can you please {r}{c}?", "will you {r}{c}?", "I'm hoping you can {r}{c}",
+              "any chance you could {r}{c}?", "I was wondering if you could {r}{c}", "you think you could {r}{c}?",
+              "need you to {r}{c}", "time to {r}{c}", "task: {r}{c}", "request: {r}{c}",
+              "would it be possible to {r}{c}?", "I'd love it if you could {r}{c}", "please could you {r}{c}?",
+              "can we {r}{c}?", "mind helping me {r}{c}?", "now {r}{c}", "I'd like to {r}{c}",
+              "would you be able to {r}{c}?", "we need to {r}{c}", "could u {r}{c}"]
+    for c in ["", " please", " if you can", " when you get a chance", " real quick", " for me", " quickly", " now"]
+]
+FRAMES_EXTRA_ANY = [
+    *(f"{g}{{r}}{c}" for g in ["", "hi, ", "hey ", "hello, ", "so ", "right, ", "well, ", "question: ",
+                                "yo ", "hmm, ", "one thing: ", "wait, ", "okay "]
+      for c in ["", " thank you", " :)", " (just curious)", " please", " cheers"]),
+]
+PREFIXES_EXTRA = [
+    *(f"{a}{b}. " for a in ["I'm making a worksheet for my class", "we are testing a new camera",
+                            "my boss asked for this", "this is for a school project",
+                            "I'm labelling data for a model", "it's late and I'm tired",
+                            "I'm new to image editing", "we need this for the website",
+                            "I have a deadline tomorrow", "my colleague sent me this",
+                            "I downloaded {file} from our server", "this is the image from the meeting"]
+      for b in ["", " and I'm in a hurry", ", so bear with me", " and I can't do it myself"]),
+    "here is {file}: ", "attached: {file}. ", "image attached. ", "see attached. ", "sending you {file}. ",
+    "I've uploaded a picture. ", "quick task. ", "two things first: it's urgent, and it's for print. ",
+]
+SUFFIXES_EXTRA = [" in the attached image", " in my picture", " in the screenshot", " in the file {file}",
+                  " in the upload", ", if possible", " when you can", ", I need it for a report",
+                  " in that image", " from the image I attached", " for my project", " in {file}, if you can",
+                  ", it's urgent", " using the picture above"]
+BACKGROUND_EXTRA = [*(f"{a} {b}?" for a in ["what colour is", "what's the colour of", "describe",
+                                             "how would you describe", "is there anything special about",
+                                             "what does it look like in", "tell me the colour of"]
+                      for b in ["the background", "the backdrop", "the area behind the shapes",
+                                "the empty space around the shapes", "the canvas"])]
+DESCRIBE_EXTRA = [*(f"{a} {b}" for a in ["describe", "summarise", "tell me what is in", "what is shown in",
+                                          "give me a caption for", "what can you see in", "explain",
+                                          "briefly describe", "what's depicted in", "list what is in"]
+                    for b in ["the picture", "this photo", "the image", "it", "this", "the attachment",
+                              "the shapes"])]
+
 TYPO_RATE = 0.12
 PREFIX_RATE = 0.18
 SUFFIX_RATE = 0.15
@@ -271,6 +397,10 @@ def _is_question(r: str) -> bool:
         "where", "what", "how", "is", "are", "which", "who", "does", "do", "can", "could", "why"}
 
 
+_NOUN_HEADS = (" of", " for", " around", " but", " only", " on")
+_NOUN_OK = (" {", " the ", " every ", " all ", " each ", " whatever", " any ")
+
+
 def swap_verb(template: str, group: str | None, rng: random.Random, split: str, *, p: float = 0.7) -> str:
     """Replace a leading verb of ``group`` by another synonym of the split (as a template), with
     probability ``p`` — always when the verb there belongs to the other split."""
@@ -278,12 +408,15 @@ def swap_verb(template: str, group: str | None, rng: random.Random, split: str, 
     if not syn:
         return template
     low = template.lower()
-    choices = in_split(syn, split)
+    choices = parts(syn, split, _VERBS_EXTRA.get(group or "", ()))
     for phrase_ in sorted(syn, key=len, reverse=True):
         if low.startswith(phrase_ + " "):
             if phrase_ in choices and rng.random() >= p:
                 return template
-            return rng.choice(choices) + template[len(phrase_):]
+            rest = template[len(phrase_):]
+            if not rest.lower().startswith(_NOUN_OK):  # "a mask of" needs an object phrase after it
+                choices = [c for c in choices if not c.endswith(_NOUN_HEADS)] or choices
+            return rng.choice(choices) + rest
     return template
 
 
@@ -295,16 +428,17 @@ def phrase(template: str, rng: random.Random, split: str, *, verb_group: str | N
     """
     t = swap_verb(template, verb_group, rng, split)
     question = _is_question(t)
-    pool = in_split(FRAMES_ANY if question else FRAMES_IMPERATIVE + FRAMES_ANY, split)
+    pool = (parts(FRAMES_ANY, split, FRAMES_EXTRA_ANY) if question else
+            parts(FRAMES_IMPERATIVE + FRAMES_ANY, split, FRAMES_EXTRA_IMPERATIVE + FRAMES_EXTRA_ANY))
     if frames and (split == "heldout" or rng.random() < FRAME_RATE and rng.random() > plain):
         frame = rng.choice(pool)
         if question and frame.endswith("?"):
             frame = frame[:-1]
         t = frame.replace("{r}", t)
     if image and rng.random() < PREFIX_RATE:
-        t = rng.choice(in_split(PREFIXES, split)).replace("{file}", _file(rng)) + t
+        t = rng.choice(parts(PREFIXES, split, PREFIXES_EXTRA)).replace("{file}", _file(rng)) + t
     if image and rng.random() < SUFFIX_RATE:
-        suf = rng.choice(in_split(SUFFIXES, split)).replace("{file}", _file(rng))
+        suf = rng.choice(parts(SUFFIXES, split, SUFFIXES_EXTRA)).replace("{file}", _file(rng))
         m = re.search(r"[?!.]+$", t)
         t = t[: m.start()] + suf + t[m.start():] if m else t + suf
     if rng.random() < TYPO_RATE:
@@ -558,7 +692,7 @@ class Generator:
         if ch.uses_prompt_object and slots.prompt_things:
             c, s = self.rng.choice(slots.prompt_things)
             slots.values.update(object=f"{c} {s}", colour=c, shape=s)
-        template = self.rng.choice(in_split(ch.requests, self.split))
+        template = self.rng.choice(parts(ch.requests, self.split, ch.extra))
         req = _fmt(phrase(template, self.rng, self.split, verb_group=ch.verbs, image=ch.image), slots.values)
         calls = [self._call(f"c{i + 1}", e, {k: _fmt(v, slots.values) if isinstance(v, str) else v
                                              for k, v in a.items()})
@@ -685,6 +819,7 @@ class Chain:
     verbs: str | None = None
     image: bool = True
     uses_prompt_object: bool = False
+    extra: list[str] = field(default_factory=list)  # train-only phrasings (see ``parts``)
 
 
 _IMG = "{image}"
@@ -694,26 +829,48 @@ CHAINS = [
            "detect the {object} and give me its mask", "find every {object} and mask them",
            "find the {object} and cut it out as a mask", "detect the {object} and then segment what you found",
            "look for the {object} and make a mask of it", "first find the {object}, then outline it precisely"],
-          [("detect", {"image": _IMG, "query": "{object}"}), ("segment", {"image": _IMG, "boxes": "$c1"})]),
+          [("detect", {"image": _IMG, "query": "{object}"}), ("segment", {"image": _IMG, "boxes": "$c1"})],
+          extra=["find the {object} and then give me a mask of it", "locate the {object} and make a pixel mask",
+                 "detect the {object} first, then segment it", "box the {object}, then mask it",
+                 "find each {object} and segment them one by one", "spot the {object} and cut out its shape",
+                 "search for the {object} and produce its mask", "detect the {object}; after that, mask it",
+                 "find where the {object} is and give me its exact outline"]),
     Chain(("segment", "edit"),
           ["remove the {object}", "erase the {object} from the picture", "get rid of the {object}",
            "delete the {object}", "take the {object} out of the image", "make the {object} disappear",
            "remove the {object} and fill in the background", "wipe out the {object}"],
           [("segment", {"image": _IMG, "target": "the {object}"}),
-           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "remove it"})], verbs="remove"),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "remove it"})], verbs="remove",
+          extra=["rub out the {object}", "the {object} has to go", "I don't want the {object} in the picture",
+                 "clean the {object} out of the image", "hide the {object}", "remove the {object} completely",
+                 "the picture would be better without the {object}", "lose the {object}",
+                 "cut the {object} out of the picture and fill the gap", "can the {object} be removed?",
+                 "no more {object} please, remove it"]),
     Chain(("segment", "edit"),
           ["make the {object} {colour2}", "turn the {object} {colour2}", "colour the {object} {colour2}",
            "change the {object} to {colour2}", "paint the {object} {colour2}",
            "recolour the {object} in {colour2}", "I want the {object} to be {colour2}",
            "switch the colour of the {object} to {colour2}"],
           [("segment", {"image": _IMG, "target": "the {object}"}),
-           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "make it {colour2}"})], verbs="recolour"),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "make it {colour2}"})], verbs="recolour",
+          extra=["color the {object} {colour2}", "give the {object} a {colour2} colour",
+                 "the {object} should be {colour2}", "can the {object} be {colour2}?",
+                 "fill the {object} with {colour2}", "change the colour of the {object} to {colour2}",
+                 "set the colour of the {object} to {colour2}", "I'd prefer the {object} in {colour2}",
+                 "recolor the {object} to {colour2}", "make the {object} {colour2} instead",
+                 "the {object} needs to be {colour2}, change it"]),
     Chain(("segment", "edit"),
           ["replace the {object} with a {colour2} {shape2}", "swap the {object} for a {colour2} {shape2}",
            "turn the {object} into a {colour2} {shape2}", "put a {colour2} {shape2} where the {object} is",
            "exchange the {object} with a {colour2} {shape2}"],
           [("segment", {"image": _IMG, "target": "the {object}"}),
-           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "replace it with a {colour2} {shape2}"})]),
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "replace it with a {colour2} {shape2}"})],
+          extra=["swap out the {object} for a {colour2} {shape2}", "substitute a {colour2} {shape2} for the {object}",
+                 "replace the {object} by a {colour2} {shape2}", "I'd rather have a {colour2} {shape2} than the {object}",
+                 "change the {object} into a {colour2} {shape2}", "make the {object} a {colour2} {shape2} instead",
+                 "the {object} should become a {colour2} {shape2}", "convert the {object} to a {colour2} {shape2}",
+                 "draw a {colour2} {shape2} over the {object}", "transform the {object} into a {colour2} {shape2}",
+                 "instead of the {object}, I want a {colour2} {shape2}", "have a {colour2} {shape2} in place of the {object}"]),
     Chain(("generate", "detect"),
           ["draw {prompt} and then find the {object} in it", "generate {prompt}, then locate the {object}",
            "make a picture of {prompt} and detect the {object}", "create {prompt} and show me where the {object} is",
@@ -725,7 +882,12 @@ CHAINS = [
            "give me a close-up of the {object}", "cut the {object} out into its own image",
            "zoom in on the {object}", "crop around the {object}", "make a crop of each {object}",
            "frame the {object} tightly"],
-          [("detect", {"image": _IMG, "query": "{object}"}), ("crop", {"image": _IMG, "boxes": "$c1"})]),
+          [("detect", {"image": _IMG, "query": "{object}"}), ("crop", {"image": _IMG, "boxes": "$c1"})],
+          extra=["crop the image around the {object}", "zoom in on the {object} and crop it",
+                 "crop so that only the {object} is left", "I want a cropped image of the {object}",
+                 "cut a crop of the {object}", "give me a zoomed-in view of the {object}", "crop to the {object}",
+                 "make a close-up of the {object}", "show me the {object} up close", "enlarge the {object}",
+                 "get me a tight crop of each {object}"]),
     Chain(("generate", "segment"),
           ["draw {prompt} and give me a mask of the {object}", "generate {prompt}, then segment the {object}",
            "make {prompt} and outline the {object} in it", "create {prompt} and then mask the {object}"],
@@ -1054,10 +1216,10 @@ def _make_describe(gen: Generator) -> Sample:
     seed, scene = gen._scene()
     img = new_id("image", rng)
     if rng.random() < 0.75:
-        req = phrase(rng.choice(in_split(DESCRIBE, gen.split)), rng, gen.split)
+        req = phrase(rng.choice(parts(DESCRIBE, gen.split, DESCRIBE_EXTRA)), rng, gen.split)
         ans = f"The image shows {scene.caption}."
     else:
-        req = phrase(rng.choice(in_split(BACKGROUND, gen.split)), rng, gen.split)
+        req = phrase(rng.choice(parts(BACKGROUND, gen.split, BACKGROUND_EXTRA)), rng, gen.split)
         ans = f"It is a {scene.background}."
     return Sample("none", [_user(req, img)], ans, {img: seed}, [], source="describe", split=gen.split)
 

@@ -53,6 +53,51 @@ def test_training_never_uses_held_out_verbs():
             assert not any(out.startswith(h + " ") for h in held)
 
 
+def _extras():
+    """(list of parts, its train-only extras) for every list that has them."""
+    yield D.FRAMES_IMPERATIVE + D.FRAMES_ANY, D.FRAMES_EXTRA_IMPERATIVE + D.FRAMES_EXTRA_ANY
+    yield D.FRAMES_ANY, D.FRAMES_EXTRA_ANY
+    yield D.PREFIXES, D.PREFIXES_EXTRA
+    yield D.SUFFIXES, D.SUFFIXES_EXTRA
+    yield D.DESCRIBE, D.DESCRIBE_EXTRA
+    yield D.BACKGROUND, D.BACKGROUND_EXTRA
+    for group, extra in D._VERBS_EXTRA.items():
+        yield D.SYNONYMS[group], extra
+    for c in D.CHAINS:
+        yield c.requests, c.extra
+
+
+def test_train_only_parts_add_breadth_and_never_reach_the_held_out_split():
+    total = 0
+    for items, extra in _extras():
+        held = D.parts(items, "heldout", extra)
+        train = D.parts(items, "train", extra)
+        assert held == D.in_split(items, "heldout")  # the held-out split is what it was
+        assert not set(train) & set(held)
+        for part in set(train) - set(D.in_split(items, "train")):
+            words = f" {D._core_words(part)} "
+            for h in held:  # no train-only part contains a held-out part (a verb, a frame)
+                if D._core_words(h):
+                    assert f" {D._core_words(h)} " not in words, (part, h)
+        total += len(train) - len(D.in_split(items, "train"))
+    assert total > 1000
+    # a composed part that contains a held-out one is dropped
+    verbs = D.SYNONYMS["segment"]
+    held_verb = D.in_split(verbs, "heldout")[0]
+    assert D.train_only([f"{held_verb} around", "carve out"], verbs) == ["carve out"]
+
+
+def test_compose_joins_every_combination_once():
+    assert D.compose(["a", "b"], ["x", ""], ["y"]) == ["a x y", "a y", "b x y", "b y"]
+
+
+def test_noun_phrase_verbs_only_before_an_object():
+    rng = random.Random(1)
+    for _ in range(200):
+        out = D.swap_verb("generate an image of {prompt}", "generate", rng, "train", p=1.0)
+        assert not any(out.startswith(v + " an image of") for v in D._VERBS_EXTRA["generate"] if v.endswith(" of"))
+
+
 def test_generation_is_deterministic():
     a = [s.to_dict() for s in _gen(seed=3).generate(30)]
     b = [s.to_dict() for s in _gen(seed=3).generate(30)]
