@@ -408,15 +408,16 @@ def swap_verb(template: str, group: str | None, rng: random.Random, split: str, 
     if not syn:
         return template
     low = template.lower()
-    choices = parts(syn, split, _VERBS_EXTRA.get(group or "", ()))
+    choices = in_split(syn, split)
+    extra = train_only(_VERBS_EXTRA.get(group or "", ()), syn) if split == "train" else []
     for phrase_ in sorted(syn, key=len, reverse=True):
         if low.startswith(phrase_ + " "):
             if phrase_ in choices and rng.random() >= p:
                 return template
             rest = template[len(phrase_):]
             if not rest.lower().startswith(_NOUN_OK):  # "a mask of" needs an object phrase after it
-                choices = [c for c in choices if not c.endswith(_NOUN_HEADS)] or choices
-            return rng.choice(choices) + rest
+                extra = [c for c in extra if not c.endswith(_NOUN_HEADS)]
+            return rng.choice(choices + extra) + rest
     return template
 
 
