@@ -4,9 +4,10 @@
                                        [--threads 2] [--device cpu|cuda]
 
 ``benchmarks/batching.py`` measures the real thing (Celery workers, one at a time vs batched); this
-script measures the same calls with no broker, no worker and no threads pool around them, so what it
-prints is the ceiling of that benchmark's throughput ratio on this hardware: the worker only adds
-per-call costs to both sides. Rounds alternate between the two modes on the same fresh inputs (a new
+script measures the same calls with no broker, no worker and no threads pool around them: what the
+experts themselves gain from a batch on this hardware. The worker benchmark's ratio can be somewhat
+higher (a batching worker overlaps per-call messaging and progress writes with the batch's compute,
+which a one-at-a-time worker pays in series) but not by much when the model dominates. Rounds alternate between the two modes on the same fresh inputs (a new
 shapes-world image, or prompt and seed, per call and round), so a change in the machine's load hits
 both alike. It also prints each expert's main model alone at batch 1 vs batch ``--calls`` (per item),
 which is what a batch can save at best: on a CPU that per-item cost barely falls (or rises, once
