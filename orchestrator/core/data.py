@@ -256,17 +256,22 @@ def _core_words(part: str) -> str:
 
 def train_only(extra: Sequence[str], split_list: Sequence[str]) -> list[str]:
     """``extra`` without the items that contain (as whole words) a held-out item of ``split_list``
-    or equal any item of it."""
+    or equal any item of it. Cached: the lists are constants, and this runs for every sample."""
+    return list(_train_only(tuple(extra), tuple(split_list)))
+
+
+@lru_cache(maxsize=256)
+def _train_only(extra: tuple[str, ...], split_list: tuple[str, ...]) -> tuple[str, ...]:
     held = [w for w in (_core_words(h) for h in in_split(split_list, "heldout")) if w] \
         if len(split_list) >= 4 else []
     listed = {_core_words(x) for x in split_list}
     out = []
     for x in extra:
-        w = f" {_core_words(x)} "
-        if _core_words(x) in listed or any(f" {h} " in w for h in held):
+        words = _core_words(x)
+        if words in listed or any(f" {h} " in f" {words} " for h in held):
             continue
         out.append(x)
-    return out
+    return tuple(out)
 
 
 def parts(items: Sequence[str], split: str, extra: Sequence[str] = ()) -> list[str]:
