@@ -8,6 +8,7 @@ An expert is a class with declarative attributes that are checked when the subcl
         Args = DetectArgs            # pydantic model: what a command may pass
         Result = DetectResult        # subclass of ExpertResult: what comes back (JSON-serialisable)
         examples = [Example(request="find the {object}", args={"image": "{image}", "query": "{object}"})]
+        phrasings = compose(["find", "spot"], ["the {object}", "every {object}"])  # optional, train-only
         queue = "detect"             # optional; defaults to the name
         time_limit = 60.0            # optional; seconds per call
 
@@ -16,6 +17,12 @@ An expert is a class with declarative attributes that are checked when the subcl
 
 Construction is cheap; ``setup()`` runs lazily on the first call, so importing the registry or
 starting a Celery prefork parent never loads a model. Results carry artifact ids, never pixels.
+
+``examples`` seed the core's training data and its held-out evaluation (every fourth one is held out
+when there are four or more). ``phrasings`` are optional extra ways to ask for the call of
+``examples[0]`` (its arguments, with the same slots), used for training only: a plugin composes many
+of them from small vocabularies with ``compose`` so that the core learns its intent rather than a
+dozen surfaces. A phrasing that contains a held-out example's request is dropped.
 """
 
 from __future__ import annotations
@@ -164,6 +171,18 @@ class RunContext:
         return OutputArtifact(id=meta.id, kind=meta.kind, role=role)
 
 
+def compose(*vocab: Sequence[str]) -> list[str]:
+    """Every combination of one item per vocabulary, joined by spaces, deduplicated in order:
+    ``compose(["read", "transcribe"], ["the text", "the sign"])`` gives four requests."""
+    out = [""]
+    for words in vocab:
+        out = [f"{a} {b}".strip() for a in out for b in words]
+    seen: dict[str, None] = {}
+    for s in out:
+        seen.setdefault(" ".join(s.split()), None)
+    return list(seen)
+
+
 def map_on_threads(fn: Callable[[Any], Any], items: Sequence[Any], *, name: str = "expert-batch") -> list[Any]:
     """``[fn(x) for x in items]`` on up to one thread per CPU, in order: for a batch's per-call work
     that releases the GIL (PNG decoding and encoding, numpy). One item or one CPU: the calling thread."""
@@ -184,6 +203,7 @@ class Expert:
     Args: ClassVar[type[BaseModel]]
     Result: ClassVar[type[ExpertResult]]
     examples: ClassVar[list[Example]] = []
+    phrasings: ClassVar[list[str]] = []
     queue: ClassVar[str | None] = None
     time_limit: ClassVar[float | None] = None
     abstract: ClassVar[bool] = False
@@ -233,6 +253,18 @@ class Expert:
                 args.model_validate(filled)
             except (ValidationError, KeyError, IndexError, ValueError) as e:
                 fail(f"example {i} ({ex.request!r}) does not validate against Args: {e}")
+        if not isinstance(cls.phrasings, list | tuple) or not all(isinstance(p, str) for p in cls.phrasings):
+            fail("`phrasings` must be a list of request strings")
+        if cls.phrasings and not cls.examples:
+            fail("`phrasings` rephrase the call of examples[0]: declare at least one example")
+        base_slots = {f for _, f, _, _ in string.Formatter().parse(cls.examples[0].request) if f} \
+            if cls.examples else set()
+        for p in cls.phrasings:
+            fields = {f for _, f, _, _ in string.Formatter().parse(p) if f}
+            if fields - EXAMPLE_SLOTS.keys():
+                fail(f"phrasing {p!r} uses unknown slot(s) {sorted(fields - EXAMPLE_SLOTS.keys())}")
+            if fields != base_slots:
+                fail(f"phrasing {p!r} must use the slots of examples[0] ({sorted(base_slots)}), got {sorted(fields)}")
 
     # -- instances --------------------------------------------------------------------------------
     def __init__(self) -> None:

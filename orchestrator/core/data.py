@@ -4,7 +4,8 @@ Nothing here is a list of final strings. A sample is *composed*: an intent (an e
 entry, a multi-call chain, or a no-expert request) is phrased through interchangeable parts —
 verb synonyms, politeness frames, rambling prefixes and suffixes, file names, typos, casing — and its
 slots are filled from a real scene (its objects, referring expressions, caption). A plugin's
-``examples`` enter the data with no other change: every registered expert is a source of requests.
+``examples`` enter the data with no other change: every registered expert is a source of requests
+(and its optional train-only ``phrasings`` of ``examples[0]``, composed by the plugin, add breadth).
 
 Kinds of samples (``Sample.kind``):
 
@@ -53,6 +54,7 @@ from experts.base import (
     ExpertResult,
     ImageRef,
     artifact_fields,
+    compose,
 )
 from orchestrator.commands import Call, format_call, format_value
 from orchestrator.core.format import tool_turn
@@ -187,6 +189,25 @@ def expert_examples(registry: Any, name: str) -> list[Example]:
     return out
 
 
+def expert_phrasings(registry: Any, name: str, split: str) -> list[Example]:
+    """The train-only ``phrasings`` an expert declares, as examples with the arguments of its
+    ``examples[0]``; none in the held-out split, and none that contain a held-out example's request."""
+    cls = registry.get_class(name)
+    if split != "train" or not cls.phrasings or not cls.examples or _extra_artifacts(cls, cls.examples[0].args):
+        return []
+    base = cls.examples[0]
+    requests = [e.request for e in expert_examples(registry, name)]
+    held = [set(_core_words(r).split()) for r in in_split(requests, "heldout")] if len(requests) >= 4 else []
+    keep = [p for p in train_only(cls.phrasings, requests) if not _near(set(_core_words(p).split()), held)]
+    return [Example(request=p, args=base.args) for p in keep]
+
+
+def _near(words: set[str], held: list[set[str]], limit: float = 0.5) -> bool:
+    """Whether a phrasing shares half its words or more (Jaccard) with a held-out request: a
+    phrasing that close would be a paraphrase of the held-out template, not breadth."""
+    return any(len(words & h) / max(1, len(words | h)) >= limit for h in held)
+
+
 # -- interchangeable parts of phrasing --------------------------------------------------------------
 # "{r}" is the request; frames marked "any" also suit questions.
 FRAMES_IMPERATIVE = [
@@ -238,17 +259,6 @@ SYNONYMS: dict[str, list[str]] = {
 # (what a 135M model needs to learn the intent instead of the surface). They never enter the held-out
 # split, and ``train_only`` drops any composed part that contains a held-out part of its list (a
 # held-out verb, frame or phrasing), so the held-out set stays unseen and is exactly what it was.
-def compose(*vocab: Sequence[str]) -> list[str]:
-    """Every combination of one item per vocabulary, joined by spaces, deduplicated in order."""
-    out = [""]
-    for words in vocab:
-        out = [f"{a} {b}".strip() for a in out for b in words]
-    seen: dict[str, None] = {}
-    for s in out:
-        seen.setdefault(" ".join(s.split()), None)
-    return list(seen)
-
-
 def _core_words(part: str) -> str:
     """A part as bare lower-case words (slots and punctuation dropped), for containment checks."""
     return " ".join(re.findall(r"[a-z0-9']+", re.sub(r"\{[a-z0-9_@]+\}", " ", part.lower())))
@@ -284,12 +294,13 @@ _VERBS_EXTRA: dict[str, list[str]] = {
     "detect": [
         *compose(["show me", "give me", "tell me", "get me", "return", "I need", "I want", "report"],
                  ["the location of", "the coordinates of", "a bounding box for", "the bounding boxes of",
-                  "the whereabouts of", "boxes for"]),
+                  "the whereabouts of", "boxes for", "the position of", "the positions of"]),
         *compose(["draw", "put", "place", "add"], ["a box around", "boxes around", "a bounding box around",
                                                     "a rectangle around", "a frame around"]),
         "flag", "tag", "point to", "search the image for", "hunt for", "check for",
         "find all", "find each", "locate all", "spot any", "detect all", "scan the picture for",
-        "find out where", "track", "find and box", "recognise", "discover", "catch",
+        "find out where", "track", "find and box", "recognise", "discover", "catch", "mark",
+        "mark the location of", "indicate", "indicate where",
     ],
     "segment": [
         *compose(["give me", "get", "make", "produce", "create", "return", "compute", "I need", "I want",
@@ -302,6 +313,9 @@ _VERBS_EXTRA: dict[str, list[str]] = {
         "separate out", "follow the edges of", "draw around the edges of", "draw a contour around",
         "mark the exact pixels of", "pick out the pixels of", "cut the outline of", "find the edges of",
         "draw the boundary of", "mask off", "segment out the region of", "select the pixels of",
+        "draw the outline of", "follow the outline of", "sketch the outline of", "go around the edge of",
+        "run a line around the edge of", "draw a line along the border of", "follow the border of",
+        "copy the outline of", "get the outline of", "outline the edges of",
     ],
     "crop": ["cut down to", "crop in on", "snip", "frame", "crop away everything but", "focus on",
              "close in on", "enlarge", "magnify", "zoom into", "tighten the frame on", "cut the image to",
@@ -364,6 +378,7 @@ DESCRIBE_EXTRA = [*(f"{a} {b}" for a in ["describe", "summarise", "tell me what 
                               "the shapes"])]
 
 TYPO_RATE = 0.12
+PHRASING_RATE = 0.5  # of an expert's single calls, when it declares ``phrasings``
 PREFIX_RATE = 0.18
 SUFFIX_RATE = 0.15
 FRAME_RATE = 0.6
@@ -649,6 +664,7 @@ class Generator:
         self.examples = {n: in_split(expert_examples(self.registry, n), self.split) for n in self.registry.names()}
         self._intents = [(n, ex) for n, exs in self.examples.items() for ex in exs
                          if not _extra_artifacts(self.registry.get_class(n), ex.args)]
+        self.phrasings = {n: p for n in self.registry.names() if (p := expert_phrasings(self.registry, n, split))}
 
     # -- helpers --------------------------------------------------------------------------------
     def has(self, *names: str) -> bool:
@@ -674,6 +690,8 @@ class Generator:
         # every expert equally often, whatever its number of examples
         name = self.rng.choice(sorted({n for n, _ in intents}))
         ex = self.rng.choice([e for n, e in intents if n == name])
+        if name in self.phrasings and self.rng.random() < PHRASING_RATE:  # never in the held-out split
+            ex = self.rng.choice(self.phrasings[name])
         cls = self.registry.get_class(name)
         image = _needs_image(cls) or "{image}" in ex.request
         seed, scene = self._scene()

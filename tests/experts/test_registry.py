@@ -33,10 +33,19 @@ def make(**overrides):
     ({"examples": ["find it"]}, "`examples`"),
     ({"examples": [Example(request="find {nope}", args={"image": "{image}", "query": "x"})]}, "unknown slot"),
     ({"examples": [Example(request="find it", args={"image": "{image}"})]}, "does not validate"),
+    ({"phrasings": "spot the {object}"}, "`phrasings`"),
+    ({"phrasings": ["spot the {nope}"]}, "unknown slot"),
+    ({"phrasings": ["spot it"]}, "slots of examples"),
+    ({"phrasings": ["spot the {object}"], "examples": []}, "at least one example"),
 ])
 def test_definition_time_checks(overrides, needle) -> None:
     with pytest.raises(ExpertDefinitionError, match=needle):
         make(**overrides)
+
+
+def test_phrasings_with_the_slots_of_the_first_example_are_accepted() -> None:
+    cls = make(phrasings=["spot the {object}", "where is the {object}?"])
+    assert cls.phrasings == ["spot the {object}", "where is the {object}?"]
 
 
 def test_unknown_arguments_are_forbidden() -> None:

@@ -166,6 +166,41 @@ def test_a_plugin_expert_enters_the_data_with_no_other_change():
     assert any("blur" in s.answer for s in samples if s.source.startswith(("chat:help", "unsupported")))
 
 
+def test_a_plugins_phrasings_add_train_only_breadth_for_its_first_example():
+    class BlurArgs(BaseModel):
+        image: ImageRef
+        strength: int = 3
+
+    ex = [Example(request=r, args={"image": "{image}"}) for r in
+          ["blur the picture", "soften it", "make it fuzzy", "defocus the photo", "smear it"]]
+    ph = D.compose(["blur", "smudge", "haze"], ["the picture", "this", "the photo"])
+    ph += ["please defocus the photo now", "defocus the photo", "defocus the photo a lot please"]
+
+    class BlurExpert(Expert):
+        name = "blur"
+        description = "Blur an image."
+        Args = BlurArgs
+        Result = ExpertResult
+        examples = ex
+        phrasings = ph
+
+    reg = _registry(BlurExpert)
+    kept = [e.request for e in D.expert_phrasings(reg, "blur", "train")]
+    # an example's own request, a phrasing that contains the held-out example ("defocus the photo"),
+    # or one that shares half its words with it, is dropped
+    assert {"blur this", "smudge the picture", "haze this"} <= set(kept)
+    assert "blur the picture" not in kept and "please defocus the photo now" not in kept
+    assert "defocus the photo a lot please" not in kept and "blur the photo" not in kept
+    assert D.expert_phrasings(reg, "blur", "heldout") == []
+    gen = _gen(reg, planned=False)
+    sources = Counter(s.source for s in gen.generate(300) if s.kind == "call" and s.calls[0]["expert"] == "blur")
+    assert {"blur:smudge this", "blur:haze this"} & set(sources), sources
+    assert all(c["args"].keys() == {"image"} for s in gen.generate(50) for c in s.calls if c["expert"] == "blur")
+    held = _gen(reg, split="heldout", planned=False).generate(300)
+    only_phrasings = set(ph) - {e.request for e in ex}
+    assert not any(s.source.split(":", 1)[1] in only_phrasings for s in held if s.source.startswith("blur:"))
+
+
 def test_chains_only_for_registered_experts():
     gen = _gen(planned=False)  # crop alone
     for s in gen.generate(150):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext
+from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext, compose
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -84,6 +84,33 @@ class OcrExpert(Expert):
         Example(request="get the text at the bottom of the image",
                 args={"image": "{image}", "region": [0, 500, 1000, 1000]}),
         Example(request="OCR this image", args={"image": "{image}"}),
+    ]
+    # Train-only breadth for the plain call (examples[0]): many more ways to ask to read the text.
+    phrasings = [
+        *compose(["read", "read out", "transcribe", "extract", "pull out", "copy", "give me", "tell me",
+                  "show me", "recognise", "decode", "type out", "write out", "grab", "list", "get me",
+                  "spell out", "dictate"],
+                 ["the text", "the writing", "the words", "the printed words", "the lettering", "the caption",
+                  "the characters", "any text", "all the text", "the handwriting", "the label text",
+                  "what it says", "the inscription"],
+                 ["", "in this picture", "on the sign", "from the photo", "in the screenshot", "on the label",
+                  "in the document", "from this image", "on it", "from the scan", "in the attachment"]),
+        *compose(["what does", "what exactly does", "can you tell me what", "I need to know what"],
+                 ["the sign", "the label", "the caption", "the writing", "this note", "the poster",
+                  "the banner", "the text", "the screen", "the page", "the heading", "the board", "it"],
+                 ["say?", "read?", "say, word for word?"]),
+        *compose(["what are the words", "what's the text", "what are the letters", "what's the wording",
+                  "what's the caption", "is there any text", "are there any words", "what's printed",
+                  "what's the writing", "what characters are"],
+                 ["on the sign?", "in the photo?", "on this?", "on the label?", "here?", "in this screenshot?",
+                  "on the page?", "in this scan?"]),
+        *compose(["run OCR on", "do OCR on", "apply text recognition to", "use OCR on",
+                  "perform OCR on", "run text recognition on"],
+                 ["the picture", "the photo", "this scan", "the screenshot", "the attachment", "the document"]),
+        "read it out loud", "read me the sign", "what does it say?", "can you read this?", "transcribe it",
+        "turn the text in the picture into plain text", "I can't read the sign, help",
+        "the writing is too small for me, what does it say?", "convert the image text to a string",
+        "what language is the text in, and what does it say?",
     ]
 
     def __init__(self) -> None:
