@@ -377,6 +377,33 @@ DESCRIBE_EXTRA = [*(f"{a} {b}" for a in ["describe", "summarise", "tell me what 
                     for b in ["the picture", "this photo", "the image", "it", "this", "the attachment",
                               "the shapes"])]
 
+# Train-only argument breadth: named regions for crop (0-1000 coordinates) and numeric modifiers
+# for the arguments an expert calls seed / steps / size, so that values are read from the request
+# instead of memorised with one example's wording.
+REGIONS = {
+    "top half": [0, 0, 1000, 500], "upper half": [0, 0, 1000, 500], "bottom half": [0, 500, 1000, 1000],
+    "lower half": [0, 500, 1000, 1000], "left half": [0, 0, 500, 1000], "right half": [500, 0, 1000, 1000],
+    "left side": [0, 0, 500, 1000], "right side": [500, 0, 1000, 1000], "top part": [0, 0, 1000, 500],
+    "bottom part": [0, 500, 1000, 1000], "top-left quarter": [0, 0, 500, 500],
+    "top right quarter": [500, 0, 1000, 500], "bottom-left quarter": [0, 500, 500, 1000],
+    "bottom right quarter": [500, 500, 1000, 1000], "top left corner": [0, 0, 500, 500],
+    "bottom right corner": [500, 500, 1000, 1000], "centre": [250, 250, 750, 750],
+    "center": [250, 250, 750, 750], "middle": [250, 250, 750, 750], "central part": [250, 250, 750, 750],
+}
+REGION_REQUESTS = compose(
+    ["crop to", "crop the image to", "keep only", "just keep", "zoom into", "zoom in on", "cut it down to",
+     "trim it to", "cut away everything except", "show me only", "reduce it to",
+     "crop everything but", "give me just", "crop it so only", "leave only"],
+    ["the {region}", "the {region} of the picture", "the {region} of the image", "the {region} of it"])
+MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
+    "seed": ([", seed {n}", " with seed {n}", " (seed {n})", ", use seed {n}", " using random seed {n}",
+              ", seed={n}", " and set the seed to {n}"], lambda r: r.choice([r.randrange(10), r.randrange(10_000)])),
+    "steps": ([", {n} steps", " with {n} denoising steps", " in {n} steps", ", steps={n}"],
+              lambda r: r.choice([5, 8, 10, 12, 15, 25, 30, 40, 50])),
+    "size": ([" at {n} pixels", " at {n}px", ", {n} by {n}", ", size {n}"], lambda r: r.choice([64, 96, 128, 256, 512])),
+}
+REGION_RATE = 0.5  # of crop's single calls
+MODIFIER_RATE = 0.3  # of single calls to an expert with such an argument that the example leaves unset
 TYPO_RATE = 0.12
 PHRASING_RATE = 0.5  # of an expert's single calls, when it declares ``phrasings``
 PREFIX_RATE = 0.18
@@ -693,6 +720,8 @@ class Generator:
         if name in self.phrasings and self.rng.random() < PHRASING_RATE:  # never in the held-out split
             ex = self.rng.choice(self.phrasings[name])
         cls = self.registry.get_class(name)
+        if self.split == "train":
+            ex = self._broaden(cls, ex)
         image = _needs_image(cls) or "{image}" in ex.request
         seed, scene = self._scene()
         img = new_id("image", self.rng)
@@ -704,6 +733,26 @@ class Generator:
         call = self._call("c1", name, args)
         return Sample("call", [_user(req, img if attach else None)], calls_text([call]),
                       {img: seed} if attach else {}, [call], source=f"{name}:{ex.request}", split=self.split)
+
+    def _broaden(self, cls: type[Expert], ex: Example) -> Example:
+        """Train-only argument breadth: a named-region crop, or a numeric modifier appended."""
+        rng = self.rng
+        fields = cls.Args.model_fields
+        if "region" in fields and "image" in fields and cls.name == "crop" and rng.random() < REGION_RATE:
+            where, box = rng.choice(list(REGIONS.items()))
+            template = rng.choice(train_only(REGION_REQUESTS, SYNONYMS.get("crop", [])))
+            return Example(request=template.replace("{region}", where), args={"image": "{image}", "region": box})
+        free = [f for f in MODIFIERS if f in fields and f not in ex.args]
+        if free and rng.random() < MODIFIER_RATE and not _is_question(ex.request):
+            f = rng.choice(free)
+            forms, value = MODIFIERS[f]
+            n = value(rng)
+            try:
+                cls.Args.model_validate({**ex.fill()[1], f: n})
+            except (ValidationError, KeyError, ValueError):
+                return ex
+            return Example(request=ex.request + rng.choice(forms).replace("{n}", str(n)), args={**ex.args, f: n})
+        return ex
 
     def sample_chain(self) -> Sample | None:
         chains = [c for c in CHAINS if self.has(*c.experts)]

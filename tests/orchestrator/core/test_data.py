@@ -201,6 +201,31 @@ def test_a_plugins_phrasings_add_train_only_breadth_for_its_first_example():
     assert not any(s.source.split(":", 1)[1] in only_phrasings for s in held if s.source.startswith("blur:"))
 
 
+def test_named_regions_and_numeric_modifiers_are_read_from_the_request():
+    from experts.generate import GenerateExpert
+
+    reg = _registry(GenerateExpert)
+    samples = [s for s in _gen(reg, planned=False).generate(600) if s.kind == "call"]
+    crops = [s for s in samples if s.calls[0]["expert"] == "crop" and s.calls[0]["args"].get("region")]
+    named = [s for s in crops if any(w in s.messages[-1]["content"].lower() for w in ("quarter", "half", "corner", "side"))]
+    assert len({s.calls[0]["args"]["region"] for s in named}) >= 4
+    for s in named:  # the region is the one the words name
+        text, region = s.messages[-1]["content"].lower(), s.calls[0]["args"]["region"]
+        if "bottom half" in text or "lower half" in text:
+            assert region == "[0,500,1000,1000]", (text, region)
+        if "left half" in text:
+            assert region == "[0,0,500,1000]", (text, region)
+    seeded = [s for s in samples if "seed" in s.calls[0]["args"]]
+    assert len({s.calls[0]["args"]["seed"] for s in seeded}) >= 3
+    for s in seeded:
+        assert s.calls[0]["args"]["seed"] in s.messages[-1]["content"]
+        assert not validate(parse(s.answer), reg).errors
+    # never in the held-out split: its crops are the crop expert's own examples
+    held = [s for s in _gen(reg, split="heldout", planned=False).generate(300) if s.kind == "call"]
+    assert not any(s.source.startswith("crop:") and s.source[5:] not in {e.request for e in reg.get_class("crop").examples}
+                   for s in held)
+
+
 def test_chains_only_for_registered_experts():
     gen = _gen(planned=False)  # crop alone
     for s in gen.generate(150):
