@@ -470,6 +470,12 @@ def _norm_value(v: str) -> str:
     return _ARTICLE.sub("", s)
 
 
+def singular(word: str) -> str:
+    from experts.detect import singular as _singular
+
+    return _singular(word)
+
+
 def _norm_calls(calls: list[Any]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     """Calls as (expert, sorted normalised args) with ``$id`` references renamed by position."""
     ids = {(c["id"] if isinstance(c, dict) else c.id): i for i, c in enumerate(calls)}
@@ -481,7 +487,10 @@ def _norm_calls(calls: list[Any]) -> list[tuple[str, tuple[tuple[str, str], ...]
             v = str(v)
             if v.startswith("$") and v[1:] in ids:
                 v = f"$#{ids[v[1:]]}"
-            norm.append((k, _norm_value(v)))
+            v = _norm_value(v)
+            if k == "query":  # detect and segment match a noun singular or plural alike
+                v = " ".join(singular(w) for w in v.split())
+            norm.append((k, v))
         out.append((expert, tuple(sorted(norm))))
     return out
 

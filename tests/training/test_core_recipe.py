@@ -59,6 +59,15 @@ def test_norm_value():
     assert recipe._norm_value("0.60") == "0.6"
 
 
+def test_queries_compare_singular_and_plural_alike():
+    call = {"id": "c1", "expert": "detect", "args": {"image": "image-1", "query": "red circles"}}
+    same = {**call, "args": {"image": "image-1", "query": "Red circle"}}
+    other = {**call, "args": {"image": "image-1", "query": "red square"}}
+    prompt = {**call, "args": {"prompt": "two red circles"}}
+    assert recipe._norm_calls([call]) == recipe._norm_calls([same]) != recipe._norm_calls([other])
+    assert recipe._norm_calls([prompt])[0][1] == (("prompt", "two red circles"),)
+
+
 def test_faithful():
     tool = "c1 detect done: found 2 red circles -> boxes-" + "a" * 24
     assert recipe.faithful("I found 2 red circles.", tool, ["2", "circles"])
