@@ -1265,6 +1265,14 @@ TEXT_TASKS = ["find me a recipe for pancakes", "generate a poem about cats", "se
               "generate ideas for a birthday party", "mask my IP address", "remove the last word: hello big world",
               "outline an essay about climate", "locate the nearest pharmacy", "create an account for me",
               "render this markdown", "paint me a picture with words", "crop the text to 10 words: one two three"]
+# Train-only text tasks about words and letters given inline: the contrast an OCR expert's phrasings
+# need ("count the words in '…'" is not "read the words in the picture").
+TEXT_TASKS_EXTRA = compose(
+    ["count the words in", "reverse the words in", "capitalise", "spell-check", "proofread", "summarise",
+     "translate into French:", "sort the words in", "rewrite more politely:", "fix the punctuation in",
+     "how many letters are in", "write out in uppercase:", "extract the nouns from", "read this sentence and shorten it:"],
+    ["'the quick brown fox jumps'", "'we was late again'", "this sentence: the cat sat on the mat",
+     "'please send the report by friday'", "'green apples and red pears'", "my note: buy milk and eggs"])
 NO_IMAGE = ["Please attach an image first, then I can do that.", "I need an image for that: please attach one."]
 
 
@@ -1308,7 +1316,7 @@ def _make_unsupported(gen: Generator) -> Sample:
 
 def _make_text_task(gen: Generator) -> Sample:
     rng = gen.rng
-    req = phrase(rng.choice(in_split(TEXT_TASKS, gen.split)), rng, gen.split, image=False)
+    req = phrase(rng.choice(parts(TEXT_TASKS, gen.split, TEXT_TASKS_EXTRA)), rng, gen.split, image=False)
     ans = f"That is not an image task, and I only work with images. I can use: {_experts_line(gen)}."
     return _none_sample(gen, req, ans, "text_task", image=rng.random() < 0.35)
 

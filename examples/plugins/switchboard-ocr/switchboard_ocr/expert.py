@@ -110,7 +110,6 @@ class OcrExpert(Expert):
         "read it out loud", "read me the sign", "what does it say?", "can you read this?", "transcribe it",
         "turn the text in the picture into plain text", "I can't read the sign, help",
         "the writing is too small for me, what does it say?", "convert the image text to a string",
-        "what language is the text in, and what does it say?",
     ]
 
     def __init__(self) -> None:
