@@ -7,11 +7,12 @@
 script measures the same calls with no broker, no worker and no threads pool around them: what the
 experts themselves gain from a batch on this hardware. The worker benchmark's ratio can be somewhat
 higher (a batching worker overlaps per-call messaging and progress writes with the batch's compute,
-which a one-at-a-time worker pays in series) but not by much when the model dominates. Rounds alternate between the two modes on the same fresh inputs (a new
-shapes-world image, or prompt and seed, per call and round), so a change in the machine's load hits
-both alike. It also prints each expert's main model alone at batch 1 vs batch ``--calls`` (per item),
-which is what a batch can save at best: on a CPU that per-item cost barely falls (or rises, once
-activations leave the cache), on a GPU it falls many times over.
+which a one-at-a-time worker pays in series) but not by much when the model dominates. Rounds
+alternate between the two modes on the same fresh inputs (a new shapes-world image, or prompt and
+seed, per call and round), so a change in the machine's load hits both alike. It also prints each
+expert's main model alone at batch 1 vs batch ``--calls`` (per item), which is what a batch can save
+at best: on a CPU that per-item cost barely falls (or rises, once activations leave the cache), on a
+GPU it falls many times over.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ starting a Celery prefork parent never loads a model. Results carry artifact ids
 when there are four or more). ``phrasings`` are optional extra ways to ask for the call of
 ``examples[0]`` (its arguments, with the same slots), used for training only: a plugin composes many
 of them from small vocabularies with ``compose`` so that the core learns its intent rather than a
-dozen surfaces. A phrasing that contains a held-out example's request is dropped.
+dozen surfaces. A phrasing that contains a held-out example's request, or shares half its words
+with one, is dropped.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experts.detect import singular  # light: no model or torch import
+
 VISION_SEED = 31_000       # dataset seed of the vision pretraining scenes
 VISION_EVAL_SEED = 31_001  # ... and of its held-out check
 COUNT_HEADS = None         # filled lazily: (colours, shapes, colour×shape) label order
@@ -468,12 +470,6 @@ def _norm_value(v: str) -> str:
         pass
     s = " ".join(s.lower().strip(" .!?,'\"").split())
     return _ARTICLE.sub("", s)
-
-
-def singular(word: str) -> str:
-    from experts.detect import singular as _singular
-
-    return _singular(word)
 
 
 def _norm_calls(calls: list[Any]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:

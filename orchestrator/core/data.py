@@ -390,11 +390,12 @@ REGIONS = {
     "bottom right corner": [500, 500, 1000, 1000], "centre": [250, 250, 750, 750],
     "center": [250, 250, 750, 750], "middle": [250, 250, 750, 750], "central part": [250, 250, 750, 750],
 }
-REGION_REQUESTS = compose(
+REGION_REQUESTS = train_only(compose(
     ["crop to", "crop the image to", "keep only", "just keep", "zoom into", "zoom in on", "cut it down to",
      "trim it to", "cut away everything except", "show me only", "reduce it to",
      "crop everything but", "give me just", "crop it so only", "leave only"],
-    ["the {region}", "the {region} of the picture", "the {region} of the image", "the {region} of it"])
+    ["the {region}", "the {region} of the picture", "the {region} of the image", "the {region} of it"]),
+    SYNONYMS["crop"])  # none with a held-out crop verb
 MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
     "seed": ([", seed {n}", " with seed {n}", " (seed {n})", ", use seed {n}", " using random seed {n}",
               ", seed={n}", " and set the seed to {n}"], lambda r: r.choice([r.randrange(10), r.randrange(10_000)])),
@@ -738,9 +739,9 @@ class Generator:
         """Train-only argument breadth: a named-region crop, or a numeric modifier appended."""
         rng = self.rng
         fields = cls.Args.model_fields
-        if "region" in fields and "image" in fields and cls.name == "crop" and rng.random() < REGION_RATE:
+        if cls.name == "crop" and "region" in fields and rng.random() < REGION_RATE:
             where, box = rng.choice(list(REGIONS.items()))
-            template = rng.choice(train_only(REGION_REQUESTS, SYNONYMS.get("crop", [])))
+            template = rng.choice(REGION_REQUESTS)
             return Example(request=template.replace("{region}", where), args={"image": "{image}", "region": box})
         free = [f for f in MODIFIERS if f in fields and f not in ex.args]
         if free and rng.random() < MODIFIER_RATE and not _is_question(ex.request):
