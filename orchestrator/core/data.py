@@ -1274,6 +1274,60 @@ TEXT_TASKS_EXTRA = compose(
      "how many letters are in", "write out in uppercase:", "extract the nouns from", "read this sentence and shorten it:"],
     ["'the quick brown fox jumps'", "'we was late again'", "this sentence: the cat sat on the mat",
      "'please send the report by friday'", "'green apples and red pears'", "my note: buy milk and eggs"])
+# Train-only text tasks that open with an image expert's verb (the request is about text, so no
+# expert fits): the contrast that keeps "detect", "segment" or "draw up" from meaning an image call alone.
+TEXT_TASKS_EXTRA += [
+    *compose(["detect", "find", "identify", "spot", "locate", "extract", "pick out", "highlight"],
+             ["the sentiment of 'what a lovely day'", "the typos in 'recieve the pakage'", "the main idea of my essay",
+              "the verbs in 'she runs and jumps'",
+              "the rhyme scheme of my poem", "the vowels in 'banana'", "the tone of this email: 'per my last message'"]),
+    *compose(["generate", "create", "draw up", "make", "produce", "come up with"],
+             ["ten baby names", "a summary of chapter two", "a haiku about rain", "a to-do list for moving house",
+              "a slogan for my bakery", "three interview questions"]),
+    *compose(["edit", "remove", "erase", "cut", "crop", "trim", "segment", "mask"],
+             ["the filler words from my speech", "my cover letter down to 100 words", "'very' from 'it is very very good'",
+              "this paragraph into sentences: it rained. we stayed in.", "the swear words in my message"]),
+]
+# Train-only phrasings of things we have no expert for, by what they are (same keys as UNSUPPORTED):
+# more ways to ask for each, and requests that name an object or a file format.
+UNSUPPORTED_EXTRA: dict[str, list[str]] = {
+    "depth estimation": compose(["estimate", "measure", "show me", "work out", "compute"],
+                                ["how deep the scene is", "the depth of the {object}", "how far the {object} is",
+                                 "a depth map of the {object}", "the distance of every shape from the camera"]),
+    "upscaling": compose(["upscale", "enlarge the resolution of", "sharpen and enlarge", "make a 4k version of",
+                          "double the resolution of", "super-resolve"], ["the photo", "the {object}", "this", "it"]),
+    "translation": compose(["translate", "say", "write"], ["'hello' in Italian", "'blue star' in German",
+                                                           "the caption in Chinese", "this word in Portuguese"]),
+    "video": compose(["make a video of", "animate", "make a clip of", "film", "turn into a movie:",
+                      "create a looping animation of"], ["the {object}", "the shapes", "this picture",
+                                                         "the {object} bouncing"]),
+    "audio": compose(["make a sound for", "narrate", "give me an audio clip of", "sing about", "record a voice-over for"],
+                     ["the {object}", "this picture", "the scene"]),
+    "face recognition": compose(["who is", "name the person in", "recognise the face in", "tell me who appears in"],
+                                ["this photo", "the picture", "the selfie"]),
+    "3D": compose(["make", "export", "build", "give me", "create", "print"],
+                  ["a 3D model of the {object}", "an OBJ mesh of the {object}", "a point cloud of the scene",
+                   "a 3D printable {object}", "a voxel version of the {object}"]),
+    "web search": compose(["search online for", "look up on the internet", "browse the web for", "google"],
+                          ["pictures like this", "the history of the {object}", "today's headlines", "cheap flights"]),
+    "email": compose(["email", "send", "text", "forward", "upload", "post"],
+                     ["this to my team", "the picture to bob@example.com", "the {object} to my phone",
+                      "it to instagram"]),
+    "classification of real photos": compose(["what breed of", "what kind of", "which species of"],
+                                             ["cat is this?", "tree is in the photo?", "flower is that?",
+                                              "fish is this?"]),
+}
+
+
+def _not_near(extra: Sequence[str], split_list: Sequence[str]) -> list[str]:
+    """``train_only(extra, split_list)`` less the parts that share half their words with a held-out
+    item of ``split_list`` (what :func:`expert_phrasings` drops too)."""
+    held = [set(_core_words(h).split()) for h in in_split(split_list, "heldout")] if len(split_list) >= 4 else []
+    return [x for x in train_only(extra, split_list) if not _near(set(_core_words(x).split()), held)]
+
+
+TEXT_TASKS_EXTRA = _not_near(TEXT_TASKS_EXTRA, TEXT_TASKS)
+UNSUPPORTED_EXTRA = {what: _not_near(UNSUPPORTED_EXTRA.get(what, []), reqs) for what, reqs, _ in UNSUPPORTED}
 NO_IMAGE = ["Please attach an image first, then I can do that.", "I need an image for that: please attach one."]
 
 
@@ -1310,7 +1364,10 @@ def _make_unsupported(gen: Generator) -> Sample:
     rng = gen.rng
     items = [u for u in UNSUPPORTED if not (u[2] & set(gen.registry.names()))]
     what, reqs, _ = rng.choice(items)
-    req = phrase(rng.choice(in_split(reqs, gen.split)), rng, gen.split)
+    req = phrase(rng.choice(parts(reqs, gen.split, UNSUPPORTED_EXTRA[what])), rng, gen.split)
+    if "{object}" in req:  # only train-only phrasings have one: a shape of some scene, maybe with its colour
+        shape, colour, _box, _area = rng.choice(scene_info(rng.choice(gen.scenes)).objects)
+        req = req.replace("{object}", f"{colour} {shape}" if rng.random() < 0.5 else shape)
     ans = f"Sorry, I can't help with {what}: I have no expert for it. I can use: {_experts_line(gen)}."
     return _none_sample(gen, req, ans, f"unsupported:{what}", image=rng.random() < 0.7)
 

@@ -65,6 +65,9 @@ def _extras():
         yield D.SYNONYMS[group], extra
     for c in D.CHAINS:
         yield c.requests, c.extra
+    yield D.TEXT_TASKS, D.TEXT_TASKS_EXTRA
+    for what, reqs, _ in D.UNSUPPORTED:
+        yield reqs, D.UNSUPPORTED_EXTRA[what]
 
 
 def test_train_only_parts_add_breadth_and_never_reach_the_held_out_split():
@@ -85,6 +88,23 @@ def test_train_only_parts_add_breadth_and_never_reach_the_held_out_split():
     verbs = D.SYNONYMS["segment"]
     held_verb = D.in_split(verbs, "heldout")[0]
     assert D.train_only([f"{held_verb} around", "carve out"], verbs) == ["carve out"]
+
+
+def test_unsupported_and_text_task_breadth_is_not_a_paraphrase_of_the_held_out_items():
+    # a part that shares half its words with a held-out item is dropped, like expert phrasings
+    tasks = D.TEXT_TASKS
+    held = D.in_split(tasks, "heldout")[0]
+    assert D._not_near([held + " now", "spot the vowels in 'kiwi'"], tasks) == ["spot the vowels in 'kiwi'"]
+    for what, reqs, _ in D.UNSUPPORTED:
+        for part in D.UNSUPPORTED_EXTRA[what] + D.TEXT_TASKS_EXTRA:
+            assert part in D._not_near([part], reqs if part in D.UNSUPPORTED_EXTRA[what] else tasks)
+    assert sum(map(len, D.UNSUPPORTED_EXTRA.values())) > 150
+    # the train-only phrasings that name an object get one of the scene's shapes
+    gen = D.Generator(split="train", seed=5, n_scenes=20)
+    reqs = [D._make_unsupported(gen).messages[-1]["content"] for _ in range(400)]
+    assert not any("{" in r for r in reqs)
+    shapes = {o[0] for seed in gen.scenes for o in D.scene_info(seed).objects}
+    assert any(any(s in r for s in shapes) for r in reqs if "3D model of" in r or "voxel" in r)
 
 
 def test_compose_joins_every_combination_once():
