@@ -195,17 +195,21 @@ def expert_phrasings(registry: Any, name: str, split: str) -> list[Example]:
     cls = registry.get_class(name)
     if split != "train" or not cls.phrasings or not cls.examples or _extra_artifacts(cls, cls.examples[0].args):
         return []
-    base = cls.examples[0]
     requests = [e.request for e in expert_examples(registry, name)]
-    held = [set(_core_words(r).split()) for r in in_split(requests, "heldout")] if len(requests) >= 4 else []
-    keep = [p for p in train_only(cls.phrasings, requests) if not _near(set(_core_words(p).split()), held)]
-    return [Example(request=p, args=base.args) for p in keep]
+    return [Example(request=p, args=cls.examples[0].args) for p in not_near(cls.phrasings, requests)]
 
 
 def _near(words: set[str], held: list[set[str]], limit: float = 0.5) -> bool:
     """Whether a phrasing shares half its words or more (Jaccard) with a held-out request: a
     phrasing that close would be a paraphrase of the held-out template, not breadth."""
     return any(len(words & h) / max(1, len(words | h)) >= limit for h in held)
+
+
+def not_near(extra: Sequence[str], split_list: Sequence[str]) -> list[str]:
+    """``train_only(extra, split_list)`` less the parts that share half their words with a held-out
+    item of ``split_list``: train-only breadth that is neither a held-out item nor a paraphrase of one."""
+    held = [set(_core_words(h).split()) for h in in_split(split_list, "heldout")] if len(split_list) >= 4 else []
+    return [x for x in train_only(extra, split_list) if not _near(set(_core_words(x).split()), held)]
 
 
 # -- interchangeable parts of phrasing --------------------------------------------------------------
@@ -1317,17 +1321,9 @@ UNSUPPORTED_EXTRA: dict[str, list[str]] = {
                                              ["cat is this?", "tree is in the photo?", "flower is that?",
                                               "fish is this?"]),
 }
-
-
-def _not_near(extra: Sequence[str], split_list: Sequence[str]) -> list[str]:
-    """``train_only(extra, split_list)`` less the parts that share half their words with a held-out
-    item of ``split_list`` (what :func:`expert_phrasings` drops too)."""
-    held = [set(_core_words(h).split()) for h in in_split(split_list, "heldout")] if len(split_list) >= 4 else []
-    return [x for x in train_only(extra, split_list) if not _near(set(_core_words(x).split()), held)]
-
-
-TEXT_TASKS_EXTRA = _not_near(TEXT_TASKS_EXTRA, TEXT_TASKS)
-UNSUPPORTED_EXTRA = {what: _not_near(UNSUPPORTED_EXTRA.get(what, []), reqs) for what, reqs, _ in UNSUPPORTED}
+# filtered once, at import, exactly as an expert's phrasings are
+TEXT_TASKS_EXTRA = not_near(TEXT_TASKS_EXTRA, TEXT_TASKS)
+UNSUPPORTED_EXTRA = {what: not_near(UNSUPPORTED_EXTRA.get(what, []), reqs) for what, reqs, _ in UNSUPPORTED}
 NO_IMAGE = ["Please attach an image first, then I can do that.", "I need an image for that: please attach one."]
 
 
