@@ -154,15 +154,57 @@ def _state_path(out: Path) -> Path:
     return work_dir() / f"trainer_state-{out.name}-{tag}.pt"
 
 
-def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lora_layers: int = 0,
+DEFAULT_LORA_LAYERS = 15
+
+
+class AdapterLayersError(ValueError):
+    """Resuming with LoRA layers that do not cover the saved adapter's."""
+
+
+def adapter_layers(path: Path) -> list[int]:
+    """The decoder layers a saved LoRA adapter (``adapter_model.safetensors``) has weights for."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sorted({int(m.group(1)) for k in f.keys() if "lora_" in k
+                       for m in [re.search(r"\.layers\.(\d+)\.", k)] if m})
+
+
+def lora_layer_set(lora_layers: int | None, n_layers: int, saved: Path | None) -> list[int] | None:
+    """The decoder layers to put LoRA on (None = all): the top ``lora_layers`` (0 = all); when None,
+    those of the adapter being resumed (``saved``), else the top DEFAULT_LORA_LAYERS. A resumed
+    adapter's layers must all be kept — dropping some would silently discard what they learnt."""
+    have = adapter_layers(saved) if saved is not None and saved.exists() else []
+    if lora_layers is None:
+        lora_layers = (n_layers - min(have)) if have else DEFAULT_LORA_LAYERS
+    layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
+    if layers is not None and not set(have) <= set(layers):
+        raise AdapterLayersError(f"the adapter in {saved.parent} has LoRA weights on decoder layers {have[0]}-{have[-1]}; "
+                         f"--lora-layers {lora_layers} (layers {layers[0]}-{layers[-1]}) would drop some of them: "
+                         f"pass --lora-layers {n_layers - have[0] if have[0] else 0} or more, or leave it out")
+    return layers
+
+
+def _load_adapter(model: Any, path: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    res = set_peft_model_state_dict(model, load_file(str(path)))
+    lost = [k for k in getattr(res, "unexpected_keys", ()) if "lora_" in k]
+    if lost:
+        raise AdapterLayersError(f"{path}: {len(lost)} LoRA weights have no place in this model (e.g. {lost[0]})")
+
+
+def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lora_layers: int | None = None,
                     train_vision: bool = False, base: Path | None = None, log: Any = print):
     """A CoreModel whose ``.model`` is a peft model: LoRA on the LM (on its top ``lora_layers``
-    decoder layers, or all when 0); the projector trains when ``train_vision``. Without it, the
+    decoder layers, all when 0, those of the resumed adapter when None — see ``lora_layer_set``);
+    the projector trains when ``train_vision``. Without it, the
     embedded default's fresh projector is frozen with a zero output layer (image tokens are then
     blank, and backpropagation stops at the lowest LoRA layer — what makes a CPU run affordable);
     a ``base`` LLaVA checkpoint keeps its own trained projector."""
     import torch
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -207,11 +249,11 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
     if resumed and (out / "vision.safetensors").exists():
         vs = load_file(str(out / "vision.safetensors"))
         model.model.load_state_dict({k: v for k, v in vs.items()}, strict=False)
-    n_layers = text_cfg.num_hidden_layers
-    layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
+    saved = out / "adapter" / "adapter_model.safetensors" if resumed else None
+    layers = lora_layer_set(lora_layers, text_cfg.num_hidden_layers, saved)
     model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
-    if resumed and (out / "adapter" / "adapter_model.safetensors").exists():
-        set_peft_model_state_dict(model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    if saved is not None and saved.exists():
+        _load_adapter(model, saved)
     inner = model.get_base_model().model
     for p in inner.multi_modal_projector.parameters():
         p.requires_grad_(train_vision)
@@ -222,10 +264,10 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
     return core
 
 
-def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, lora_layers: int,
+def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, lora_layers: int | None,
                          train_vision: bool):
     """LoRA on a full LLaVA-family checkpoint (a bigger core, on a GPU): same data, same loss."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
     from safetensors.torch import load_file
 
     from orchestrator.core import model as cm
@@ -234,11 +276,11 @@ def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, l
     model = core.model
     if resumed and (out / "vision.safetensors").exists():
         model.model.load_state_dict(load_file(str(out / "vision.safetensors")), strict=False)
-    n_layers = model.config.text_config.num_hidden_layers
-    layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
+    saved = out / "adapter" / "adapter_model.safetensors" if resumed else None
+    layers = lora_layer_set(lora_layers, model.config.text_config.num_hidden_layers, saved)
     model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
-    if resumed and (out / "adapter" / "adapter_model.safetensors").exists():
-        set_peft_model_state_dict(model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    if saved is not None and saved.exists():
+        _load_adapter(model, saved)
     inner = model.get_base_model().model
     for p in inner.multi_modal_projector.parameters():
         p.requires_grad_(train_vision)
@@ -302,7 +344,7 @@ def encode_sample(core: Any, sample: Any, images: _Images) -> dict[str, Any]:
 
 
 def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: bool, tiny: bool,
-          save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int = 0,
+          save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int | None = None,
           train_vision: bool = False, base: Path | None = None, log: Any = print) -> dict[str, Any]:
     """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
     follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals."""
@@ -326,7 +368,10 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     start_step, history, spent = 0, [], 0.0
     if resume and state_path.exists() and (out / "core.json").exists():
         st = torch.load(state_path, weights_only=False)
-        opt.load_state_dict(st["optimizer"])
+        if [len(g["params"]) for g in st["optimizer"]["param_groups"]] == [len(g["params"]) for g in opt.param_groups]:
+            opt.load_state_dict(st["optimizer"])
+        else:  # the adapter gained layers (a wider --lora-layers): their moments start from zero
+            log("core: the trainable parameters changed since the checkpoint; starting a fresh optimizer")
         start_step, history, spent = st["step"], st["history"], st.get("elapsed", 0.0)
         log(f"core: resuming from step {start_step} ({spent / 60:.1f} min spent)")
     n_train = sum(p.numel() for p in lora + rest)
@@ -429,8 +474,9 @@ def main_train(argv: list[str]) -> int:
     p.add_argument("--max-len", type=int, default=384, help="drop longer training conversations")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--vision-only", action="store_true", help="only pretrain the vision tower")
-    p.add_argument("--lora-layers", type=int, default=15, help="LoRA on the top N decoder layers (0 = all; "
-                   "default 15: backpropagation stops there, which halves a CPU step)")
+    p.add_argument("--lora-layers", type=int, default=None, help="LoRA on the top N decoder layers (0 = all; "
+                   "default: the resumed adapter's layers, else 15 — backpropagation stops there, a cheaper "
+                   "CPU step); a resumed adapter's layers are always kept")
     p.add_argument("--train-vision", action="store_true", help="also train the projector (backpropagates "
                    "through every layer: use it on a GPU)")
     p.add_argument("--base", type=Path, default=None, help="fine-tune a full LLaVA-family checkpoint directory "
@@ -447,9 +493,14 @@ def main_train(argv: list[str]) -> int:
     batch = a.batch or (2 if a.tiny else 8)
     if steps < 1 or batch < 1:
         p.error("--steps and --batch must be at least 1")
-    res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
-                save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
-                lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base)
+    if a.lora_layers is not None and a.lora_layers < 0:
+        p.error("--lora-layers must be 0 (all) or more")
+    try:
+        res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
+                    save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
+                    lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base)
+    except AdapterLayersError as e:
+        p.error(str(e))
     print(json.dumps(res))
     return 0
 
@@ -509,11 +560,13 @@ def routing_metrics(golds: list[list[dict]], preds: list[list[Any]], prefix: str
         tp += len(gs & ps)
         fp += len(ps - gs)
         fn += len(gs - ps)
-    f1 = 2 * tp / max(1, 2 * tp + fp + fn)
-    return {f"{prefix}expert_accuracy": round(exp_ok / max(1, n), 4),
-            f"{prefix}exact_call_accuracy": round(exact_ok / max(1, n), 4),
-            f"{prefix}argument_f1": round(f1, 4),
-            f"{prefix}none_accuracy": round(none_ok / max(1, none_total), 4),
+    def ratio(a: int, b: int) -> float | None:  # None, not 0.0, when there was nothing to score
+        return round(a / b, 4) if b else None
+
+    return {f"{prefix}expert_accuracy": ratio(exp_ok, n),
+            f"{prefix}exact_call_accuracy": ratio(exact_ok, n),
+            f"{prefix}argument_f1": ratio(2 * tp, 2 * tp + fp + fn),
+            f"{prefix}none_accuracy": ratio(none_ok, none_total),
             f"{prefix}n": n, f"{prefix}n_none": none_total}
 
 

@@ -35,6 +35,35 @@ def test_tiny_train_resume_load_and_eval(tmp_path, capsys):
         assert key in res
 
 
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_resume_keeps_the_adapters_layers(tmp_path, capsys):
+    """Resuming never drops LoRA layers: by default it trains the adapter's own layers, a wider
+    --lora-layers adds layers (the old ones keep their weights), a narrower one is refused."""
+    pytest.importorskip("peft")
+    out = tmp_path / "core"
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    assert recipe.main_train(["--tiny", "--steps", "1", "--out", str(out), "--lora-layers", "1"]) == 0
+    assert recipe.adapter_layers(adapter) == [1]  # the top one of the tiny LM's 2 layers
+    assert recipe.main_train(["--tiny", "--steps", "2", "--out", str(out), "--resume"]) == 0
+    assert recipe.adapter_layers(adapter) == [1]
+    core = recipe.build_trainable(tiny=True, out=out, resume=True, lora_layers=0, log=lambda *_: None)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter))
+    mine = {k: v for k, v in core.model.state_dict().items() if "lora_" in k}
+    top = [k for k in saved if ".layers.1." in k]
+    assert top and all(any(m.endswith(k.replace(".weight", ".default.weight")) and (mine[m] == saved[k]).all()
+                           for m in mine) for k in top)
+    assert any(".layers.0." in k for k in mine)
+    assert recipe.main_train(["--tiny", "--steps", "3", "--out", str(out), "--resume", "--lora-layers", "0"]) == 0
+    assert recipe.adapter_layers(adapter) == [0, 1]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        recipe.main_train(["--tiny", "--steps", "4", "--out", str(out), "--resume", "--lora-layers", "1"])
+    assert "would drop some of them" in capsys.readouterr().err
+    assert recipe.adapter_layers(adapter) == [0, 1]
+
+
 def test_routing_metrics():
     img = "image-" + "a" * 24
     gold = [[{"id": "c1", "expert": "detect", "args": {"image": img, "query": "red circle"}}],
@@ -49,6 +78,8 @@ def test_routing_metrics():
     assert m["expert_accuracy"] == round(2 / 3, 4)
     assert m["exact_call_accuracy"] == round(1 / 3, 4)
     assert m["none_accuracy"] == 0.0 and m["n_none"] == 1
+    empty = recipe.routing_metrics([], [])  # nothing scored: no number, rather than a 0.0 that reads as failure
+    assert empty["expert_accuracy"] is None and empty["none_accuracy"] is None and empty["n"] == 0
     # tp: 2 + 2 + 2 (image, mask ref); fp: 1 (crop image) + 1 (instruction); fn: 1 (instruction)
     assert m["argument_f1"] == round(12 / 15, 4)
 
