@@ -174,9 +174,9 @@ def lora_layer_set(lora_layers: int | None, n_layers: int, saved: Path | None) -
     """The decoder layers to put LoRA on (None = all): the top ``lora_layers`` (0 = all); when None,
     those of the adapter being resumed (``saved``), else the top DEFAULT_LORA_LAYERS. A resumed
     adapter's layers must all be kept — dropping some would silently discard what they learnt."""
-    have = adapter_layers(saved) if saved is not None and saved.exists() else []
+    have = adapter_layers(saved) if saved is not None else []
     if lora_layers is None:
-        lora_layers = (n_layers - min(have)) if have else DEFAULT_LORA_LAYERS
+        lora_layers = (n_layers - have[0]) if have else DEFAULT_LORA_LAYERS
     layers = list(range(n_layers - lora_layers, n_layers)) if 0 < lora_layers < n_layers else None
     if layers is not None and not set(have) <= set(layers):
         raise AdapterLayersError(f"the adapter in {saved.parent} has LoRA weights on decoder layers {have[0]}-{have[-1]}; "
@@ -185,14 +185,23 @@ def lora_layer_set(lora_layers: int | None, n_layers: int, saved: Path | None) -
     return layers
 
 
-def _load_adapter(model: Any, path: Path) -> None:
-    from peft import set_peft_model_state_dict
+def _add_lora(model: Any, *, n_layers: int, out: Path, resumed: bool, lora_r: int, lora_layers: int | None):
+    """``model`` as a peft model with LoRA on the layers ``lora_layer_set`` picks, holding the
+    resumed adapter's weights (all of them: a weight with no place in the model is an error)."""
+    from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    res = set_peft_model_state_dict(model, load_file(str(path)))
-    lost = [k for k in getattr(res, "unexpected_keys", ()) if "lora_" in k]
-    if lost:
-        raise AdapterLayersError(f"{path}: {len(lost)} LoRA weights have no place in this model (e.g. {lost[0]})")
+    from orchestrator.core import model as cm
+
+    saved = out / "adapter" / "adapter_model.safetensors"
+    saved = saved if resumed and saved.exists() else None
+    model = get_peft_model(model, cm.lora_config(r=lora_r, layers=lora_layer_set(lora_layers, n_layers, saved)))
+    if saved is not None:
+        res = set_peft_model_state_dict(model, load_file(str(saved)))
+        lost = [k for k in getattr(res, "unexpected_keys", ()) if "lora_" in k]
+        if lost:
+            raise AdapterLayersError(f"{saved}: {len(lost)} LoRA weights have no place in this model (e.g. {lost[0]})")
+    return model
 
 
 def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lora_layers: int | None = None,
@@ -204,7 +213,6 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
     blank, and backpropagation stops at the lowest LoRA layer — what makes a CPU run affordable);
     a ``base`` LLaVA checkpoint keeps its own trained projector."""
     import torch
-    from peft import get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -249,11 +257,8 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
     if resumed and (out / "vision.safetensors").exists():
         vs = load_file(str(out / "vision.safetensors"))
         model.model.load_state_dict({k: v for k, v in vs.items()}, strict=False)
-    saved = out / "adapter" / "adapter_model.safetensors" if resumed else None
-    layers = lora_layer_set(lora_layers, text_cfg.num_hidden_layers, saved)
-    model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
-    if saved is not None and saved.exists():
-        _load_adapter(model, saved)
+    model = _add_lora(model, n_layers=text_cfg.num_hidden_layers, out=out, resumed=resumed, lora_r=lora_r,
+                      lora_layers=lora_layers)
     inner = model.get_base_model().model
     for p in inner.multi_modal_projector.parameters():
         p.requires_grad_(train_vision)
@@ -267,7 +272,6 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
 def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, lora_layers: int | None,
                          train_vision: bool):
     """LoRA on a full LLaVA-family checkpoint (a bigger core, on a GPU): same data, same loss."""
-    from peft import get_peft_model
     from safetensors.torch import load_file
 
     from orchestrator.core import model as cm
@@ -276,11 +280,8 @@ def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, l
     model = core.model
     if resumed and (out / "vision.safetensors").exists():
         model.model.load_state_dict(load_file(str(out / "vision.safetensors")), strict=False)
-    saved = out / "adapter" / "adapter_model.safetensors" if resumed else None
-    layers = lora_layer_set(lora_layers, model.config.text_config.num_hidden_layers, saved)
-    model = get_peft_model(model, cm.lora_config(r=lora_r, layers=layers))
-    if saved is not None and saved.exists():
-        _load_adapter(model, saved)
+    model = _add_lora(model, n_layers=model.config.text_config.num_hidden_layers, out=out, resumed=resumed,
+                      lora_r=lora_r, lora_layers=lora_layers)
     inner = model.get_base_model().model
     for p in inner.multi_modal_projector.parameters():
         p.requires_grad_(train_vision)
