@@ -400,6 +400,26 @@ REGION_REQUESTS = train_only(compose(
      "crop everything but", "give me just", "crop it so only", "leave only"],
     ["the {region}", "the {region} of the picture", "the {region} of the image", "the {region} of it"]),
     SYNONYMS["crop"])  # none with a held-out crop verb
+# Named positions for a point-prompted segment (0-1000 coordinates), the same idea for ``points``:
+# without them the only positions in the data are the examples' few, and the core learned one
+# point for every "at the ..." request.
+POSITIONS = {
+    "top left": [250, 250], "upper left": [250, 250], "top-left corner": [250, 250],
+    "top right": [750, 250], "upper right": [750, 250], "top-right corner": [750, 250],
+    "bottom left": [250, 750], "lower left": [250, 750], "bottom-left corner": [250, 750],
+    "bottom right": [750, 750], "lower right": [750, 750], "bottom-right corner": [750, 750],
+    "centre": [500, 500], "center": [500, 500], "middle": [500, 500],
+    "top": [500, 250], "top edge": [500, 250], "bottom": [500, 750], "bottom edge": [500, 750],
+    "left edge": [250, 500], "right edge": [750, 500],
+}
+POINT_REQUESTS = [r for r in train_only(compose(
+    ["segment", "mask", "select", "isolate", "get a mask of", "cut out the shape of", "give me a mask of",
+     "extract the shape of", "create a mask for", "separate out"],
+    ["whatever is at the {pos}", "the object at the {pos}", "the shape at the {pos}", "the one at the {pos}",
+     "what's at the {pos}", "the object at the {pos} of the picture", "whatever sits at the {pos}",
+     "the shape at the {pos} of the image", "the item at the {pos}"]),
+    SYNONYMS["segment"])]  # none with a held-out segment verb
+POINT_RATE = 0.2  # of segment's single calls
 MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
     "seed": ([", seed {n}", " with seed {n}", " (seed {n})", ", use seed {n}", " using random seed {n}",
               ", seed={n}", " and set the seed to {n}"], lambda r: r.choice([r.randrange(10), r.randrange(10_000)])),
@@ -740,13 +760,18 @@ class Generator:
                       {img: seed} if attach else {}, [call], source=f"{name}:{ex.request}", split=self.split)
 
     def _broaden(self, cls: type[Expert], ex: Example) -> Example:
-        """Train-only argument breadth: a named-region crop, or a numeric modifier appended."""
+        """Train-only argument breadth: a named-region crop, a named-position segment, or a numeric
+        modifier appended."""
         rng = self.rng
         fields = cls.Args.model_fields
         if cls.name == "crop" and "region" in fields and rng.random() < REGION_RATE:
             where, box = rng.choice(list(REGIONS.items()))
             template = rng.choice(REGION_REQUESTS)
             return Example(request=template.replace("{region}", where), args={"image": "{image}", "region": box})
+        if cls.name == "segment" and "points" in fields and rng.random() < POINT_RATE:
+            where, point = rng.choice(list(POSITIONS.items()))
+            template = rng.choice(POINT_REQUESTS)
+            return Example(request=template.replace("{pos}", where), args={"image": "{image}", "points": [point]})
         free = [f for f in MODIFIERS if f in fields and f not in ex.args]
         if free and rng.random() < MODIFIER_RATE and not _is_question(ex.request):
             f = rng.choice(free)

@@ -246,6 +246,33 @@ def test_named_regions_and_numeric_modifiers_are_read_from_the_request():
                    for s in held)
 
 
+def test_named_positions_give_the_segment_point_the_words_name():
+    samples = [s for s in _gen(seed=5).generate(1500) if s.kind == "call" and s.calls[0]["expert"] == "segment"]
+    composed = [s for s in samples if s.source.startswith("segment:")
+                and any(t.replace("{pos}", p) in s.source for t in D.POINT_REQUESTS for p in D.POSITIONS)]
+    points = {s.calls[0]["args"]["points"] for s in composed}
+    assert len(points) >= 6, points  # corners, centre and edges, not one point for every position
+    expect = {"top right": "[[750,250]]", "upper right": "[[750,250]]", "bottom left": "[[250,750]]",
+              "lower left": "[[250,750]]", "top left": "[[250,250]]", "upper left": "[[250,250]]",
+              "bottom right": "[[750,750]]", "lower right": "[[750,750]]"}
+    checked = 0
+    for s in composed:
+        text = s.source.lower().replace("-", " ")
+        for words, pt in expect.items():
+            if words in text:
+                assert s.calls[0]["args"]["points"] == pt, (s.source, s.calls[0]["args"])
+                checked += 1
+    assert checked >= 10
+    # the composed requests are train-only: none is a held-out segment example, none in the held-out split
+    from experts.segment import SegmentExpert
+
+    held_examples = {D._core_words(e.request) for cls in (SegmentExpert, D.planned_experts()["segment"])
+                     for e in D.in_split(cls.examples, "heldout")}
+    assert not held_examples & {D._core_words(t.replace("{pos}", p)) for t in D.POINT_REQUESTS for p in D.POSITIONS}
+    held = [s for s in _gen(split="heldout").generate(600) if s.kind == "call"]
+    assert not any(t.replace("{pos}", p) in s.source for s in held for t in D.POINT_REQUESTS for p in D.POSITIONS)
+
+
 def test_chains_only_for_registered_experts():
     gen = _gen(planned=False)  # crop alone
     for s in gen.generate(150):
