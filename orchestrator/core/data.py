@@ -412,13 +412,13 @@ POSITIONS = {
     "top": [500, 250], "top edge": [500, 250], "bottom": [500, 750], "bottom edge": [500, 750],
     "left edge": [250, 500], "right edge": [750, 500],
 }
-POINT_REQUESTS = [r for r in train_only(compose(
+POINT_REQUESTS = train_only(compose(
     ["segment", "mask", "select", "isolate", "get a mask of", "cut out the shape of", "give me a mask of",
      "extract the shape of", "create a mask for", "separate out"],
     ["whatever is at the {pos}", "the object at the {pos}", "the shape at the {pos}", "the one at the {pos}",
      "what's at the {pos}", "the object at the {pos} of the picture", "whatever sits at the {pos}",
      "the shape at the {pos} of the image", "the item at the {pos}"]),
-    SYNONYMS["segment"])]  # none with a held-out segment verb
+    SYNONYMS["segment"])  # none with a held-out segment verb
 POINT_RATE = 0.2  # of segment's single calls
 MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
     "seed": ([", seed {n}", " with seed {n}", " (seed {n})", ", use seed {n}", " using random seed {n}",
