@@ -247,9 +247,9 @@ def test_named_regions_and_numeric_modifiers_are_read_from_the_request():
 
 
 def test_named_positions_give_the_segment_point_the_words_name():
+    requests = {t.replace("{pos}", p) for t in D.POINT_REQUESTS for p in D.POSITIONS}
     samples = [s for s in _gen(seed=5).generate(1500) if s.kind == "call" and s.calls[0]["expert"] == "segment"]
-    composed = [s for s in samples if s.source.startswith("segment:")
-                and any(t.replace("{pos}", p) in s.source for t in D.POINT_REQUESTS for p in D.POSITIONS)]
+    composed = [s for s in samples if s.source.partition(":")[2] in requests]
     points = {s.calls[0]["args"]["points"] for s in composed}
     assert len(points) >= 6, points  # corners, centre and edges, not one point for every position
     expect = {"top right": "[[750,250]]", "upper right": "[[750,250]]", "bottom left": "[[250,750]]",
@@ -268,9 +268,9 @@ def test_named_positions_give_the_segment_point_the_words_name():
 
     held_examples = {D._core_words(e.request) for cls in (SegmentExpert, D.planned_experts()["segment"])
                      for e in D.in_split(cls.examples, "heldout")}
-    assert not held_examples & {D._core_words(t.replace("{pos}", p)) for t in D.POINT_REQUESTS for p in D.POSITIONS}
+    assert not held_examples & {D._core_words(r) for r in requests}
     held = [s for s in _gen(split="heldout").generate(600) if s.kind == "call"]
-    assert not any(t.replace("{pos}", p) in s.source for s in held for t in D.POINT_REQUESTS for p in D.POSITIONS)
+    assert not any(r in s.source for s in held for r in requests)
 
 
 def test_chains_only_for_registered_experts():
