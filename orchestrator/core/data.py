@@ -923,37 +923,6 @@ class Chain:
     image: bool = True
     uses_prompt_object: bool = False
     extra: list[str] = field(default_factory=list)  # train-only phrasings (see ``parts``)
-    composed: list[str] = field(default_factory=list)  # more, composed; kept only if ``not_near``
-
-    def __post_init__(self) -> None:
-        self.extra = self.extra + [c for c in not_near(self.composed, self.requests) if c not in self.extra]
-
-
-# Composed train-only requests for the chains with the fewest phrasings (a replace, and the two that
-# start by generating): a chain is one intent, and with a dozen wordings the core learns the wordings.
-# Built only from train verbs of every group; ``not_near`` drops any close to a held-out request.
-_REPLACE_COMPOSED = compose(
-    ["replace the {object} with", "swap the {object} for", "swap out the {object} for", "exchange the {object} for",
-     "trade the {object} for", "turn the {object} into", "change the {object} into", "convert the {object} into",
-     "morph the {object} into", "transform the {object} into", "make the {object} into",
-     "substitute the {object} with", "switch the {object} for", "switch out the {object} for",
-     "change the {object} to", "replace the {object} by", "I want the {object} replaced with",
-     "I'd like the {object} swapped for", "have the {object} turned into", "get the {object} changed into"],
-    ["a {colour2} {shape2}", "a {colour2} {shape2} instead", "a new {colour2} {shape2}",
-     "a {colour2} {shape2} and keep the rest as it is", "one {colour2} {shape2}"])
-_GENERATE_FIRST = ["draw {prompt}", "generate {prompt}", "make a picture of {prompt}", "render {prompt}",
-                   "produce an image of {prompt}", "paint {prompt}", "make an image of {prompt}",
-                   "draw me {prompt}", "generate an image of {prompt}"]
-_GENERATE_DETECT_COMPOSED = compose(_GENERATE_FIRST, [
-    "and then find the {object} in it", "and locate the {object}", "and box the {object} in it",
-    "then detect the {object}", "and find the {object} in the result", "and put a box around the {object}",
-    "and detect the {object} in the new picture", "and then spot the {object}", "and give me the box of the {object}",
-    "and after that find the {object}", "and pinpoint the {object} in it"])
-_GENERATE_SEGMENT_COMPOSED = compose(_GENERATE_FIRST, [
-    "and give me a mask of the {object}", "and then segment the {object}", "and outline the {object} in it",
-    "then mask the {object}", "and cut out the shape of the {object}", "and segment the {object} in the result",
-    "and make a mask of the {object}", "and isolate the {object} in it", "and after that outline the {object}",
-    "and get a mask of the {object} from it"])
 
 
 _IMG = "{image}"
@@ -1004,15 +973,13 @@ CHAINS = [
                  "change the {object} into a {colour2} {shape2}", "make the {object} a {colour2} {shape2} instead",
                  "the {object} should become a {colour2} {shape2}", "convert the {object} to a {colour2} {shape2}",
                  "draw a {colour2} {shape2} over the {object}", "transform the {object} into a {colour2} {shape2}",
-                 "instead of the {object}, I want a {colour2} {shape2}", "have a {colour2} {shape2} in place of the {object}"],
-          composed=_REPLACE_COMPOSED),
+                 "instead of the {object}, I want a {colour2} {shape2}", "have a {colour2} {shape2} in place of the {object}"]),
     Chain(("generate", "detect"),
           ["draw {prompt} and then find the {object} in it", "generate {prompt}, then locate the {object}",
            "make a picture of {prompt} and detect the {object}", "create {prompt} and show me where the {object} is",
            "paint {prompt}, then box the {object}"],
           [("generate", {"prompt": "{prompt}"}), ("detect", {"image": "$c1", "query": "{object}"})],
-          verbs="generate", image=False, uses_prompt_object=True,
-          composed=_GENERATE_DETECT_COMPOSED),
+          verbs="generate", image=False, uses_prompt_object=True),
     Chain(("detect", "crop"),
           ["crop out the {object}", "crop the picture to the {object}", "find the {object} and crop it",
            "give me a close-up of the {object}", "cut the {object} out into its own image",
@@ -1028,8 +995,7 @@ CHAINS = [
           ["draw {prompt} and give me a mask of the {object}", "generate {prompt}, then segment the {object}",
            "make {prompt} and outline the {object} in it", "create {prompt} and then mask the {object}"],
           [("generate", {"prompt": "{prompt}"}), ("segment", {"image": "$c1", "target": "the {object}"})],
-          verbs="generate", image=False, uses_prompt_object=True,
-          composed=_GENERATE_SEGMENT_COMPOSED),
+          verbs="generate", image=False, uses_prompt_object=True),
 ]
 
 
