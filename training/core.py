@@ -3,6 +3,7 @@
     switchboard train core                       # the shipped core (models/core, see its MODEL_CARD.md)
     switchboard train core --tiny --out /tmp/c   # CI smoke: tiny random LM, a few steps, seconds
     switchboard train core --resume              # continue the last run from its checkpoint
+    switchboard train core --average A B --out C # C = the weight average of cores A and B (one lineage)
     switchboard eval core --json [--n N]         # held-out templates + human-phrased requests
 
 Stage 1 (``vision``): the tiny CLIP ViT learns to count objects per colour, shape and colour×shape
@@ -346,9 +347,12 @@ def encode_sample(core: Any, sample: Any, images: _Images) -> dict[str, Any]:
 
 def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: bool, tiny: bool,
           save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int | None = None,
-          train_vision: bool = False, base: Path | None = None, log: Any = print) -> dict[str, Any]:
+          train_vision: bool = False, base: Path | None = None, snapshot_every: int = 0,
+          log: Any = print) -> dict[str, Any]:
     """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
-    follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals."""
+    follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals.
+    ``snapshot_every`` > 0 also keeps a copy of the adapter every that many steps in
+    ``out/snapshots/`` for ``average_cores`` (weight averaging along the run)."""
     import torch
     from tqdm import tqdm
 
@@ -411,8 +415,15 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
                         "tokens": n_tok})
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr * scale:.1e}")
         done = budget and time.time() - t0 >= budget
-        if (step + 1) % save_every == 0 or done or step + 1 == steps:
+        snap = snapshot_every > 0 and (step + 1) % snapshot_every == 0
+        if (step + 1) % save_every == 0 or done or step + 1 == steps or snap:
             _checkpoint(core, opt, out, state_path, step + 1, history, time.time() - t0, steps, batch, lr, seed)
+        if snap:
+            import shutil
+
+            (out / "snapshots").mkdir(exist_ok=True)
+            shutil.copyfile(out / "adapter" / "adapter_model.safetensors",
+                            out / "snapshots" / f"step-{step + 1:06d}.safetensors")
         if done:
             log(f"core: time budget of {minutes} min reached at step {step + 1}")
             break
@@ -458,6 +469,63 @@ def _checkpoint(core: Any, opt: Any, out: Path, state_path: Path, step: int, his
     tmp.replace(state_path)
 
 
+class AverageError(ValueError):
+    """Adapters that cannot be averaged (missing, or not the same tensors)."""
+
+
+def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
+    """Uniform weight average ("model soup") of LoRA adapters that share one layout: runs resumed
+    from one another, or the snapshots of one run. A source is a core directory or an adapter
+    ``.safetensors`` file; ``out`` gets the first directory's other parts (config, vision tower,
+    tokenizer, adapter config) and the averaged adapter, and its core.json lists the sources."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files, dirs = [], []
+    for src in sources:
+        f = src / "adapter" / "adapter_model.safetensors" if src.is_dir() else src
+        if not f.is_file():
+            raise AverageError(f"{src}: not a core directory with adapter/adapter_model.safetensors, nor an "
+                               "adapter .safetensors file")
+        files.append(f)
+        if src.is_dir():
+            dirs.append(src)
+    if len(files) < 2:
+        raise AverageError("--average needs at least two adapters")
+    if not dirs:
+        raise AverageError("--average needs at least one core directory among its sources (for the other parts)")
+    states = [load_file(str(f)) for f in files]
+    layout = {k: tuple(v.shape) for k, v in states[0].items()}
+    for f, st in zip(files[1:], states[1:], strict=True):
+        if {k: tuple(v.shape) for k, v in st.items()} != layout:
+            raise AverageError(f"{f} and {files[0]} are not adapters of one layout (other layers, rank or "
+                               "targets): only adapters of one lineage can be averaged")
+    avg = {k: (sum(st[k].to(torch.float32) for st in states) / len(states)).to(states[0][k].dtype).contiguous()
+           for k in layout}
+    first = dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    if first.resolve() != out.resolve():
+        for item in first.iterdir():
+            if item.name in ("snapshots", "adapter") or item.name.startswith("."):
+                continue
+            dest = out / item.name
+            if item.is_dir():
+                shutil.copytree(item, dest, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(item, dest)
+        (out / "adapter").mkdir(exist_ok=True)
+        shutil.copyfile(first / "adapter" / "adapter_config.json", out / "adapter" / "adapter_config.json")
+    tmp = out / "adapter" / ".adapter_model.tmp"
+    save_file(avg, str(tmp))
+    tmp.replace(out / "adapter" / "adapter_model.safetensors")
+    info = json.loads((first / "core.json").read_text())
+    info["averaged_from"] = [str(f) for f in files]
+    (out / "core.json").write_text(json.dumps(info, indent=1) + "\n")
+    return {"out": str(out), "averaged": len(files), "tensors": len(layout)}
+
+
 def main_train(argv: list[str]) -> int:
     """``switchboard train core [--out DIR] [--steps N] [--batch B] [--minutes M] [--resume] [--tiny]``."""
     p = argparse.ArgumentParser(prog="switchboard train core", description="Invocation-tune the core "
@@ -482,9 +550,23 @@ def main_train(argv: list[str]) -> int:
                    "through every layer: use it on a GPU)")
     p.add_argument("--base", type=Path, default=None, help="fine-tune a full LLaVA-family checkpoint directory "
                    "instead of the embedded SmolLM2 core (a bigger core, on a GPU)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also keep the adapter every N steps in OUT/snapshots/ (for --average)")
+    p.add_argument("--average", type=Path, nargs="+", default=None, metavar="SRC",
+                   help="train nothing: write into --out the weight average of these cores' adapters "
+                   "(core directories or adapter .safetensors files, e.g. OUT/snapshots/*; the first "
+                   "directory gives the other parts)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if a.average:
+        if a.out is None:
+            p.error("--average needs --out")
+        try:
+            print(json.dumps(average_cores(a.average, a.out)))
+        except AverageError as e:
+            p.error(str(e))
+        return 0
     if a.vision_only:
         _threads(a.threads)
         print(pretrain_vision(steps=a.steps or 1200, tiny=a.tiny))
@@ -496,10 +578,13 @@ def main_train(argv: list[str]) -> int:
         p.error("--steps and --batch must be at least 1")
     if a.lora_layers is not None and a.lora_layers < 0:
         p.error("--lora-layers must be 0 (all) or more")
+    if a.snapshot_every < 0:
+        p.error("--snapshot-every must be 0 (none) or more")
     try:
         res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
                     save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
-                    lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base)
+                    lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base,
+                    snapshot_every=a.snapshot_every)
     except AdapterLayersError as e:
         p.error(str(e))
     print(json.dumps(res))
@@ -720,6 +805,8 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion"], default=None,
                    help="only held-out samples of this kind (default: the training mix)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out draw (default 0, the one MODEL_CARD.md "
+                   "quotes; another seed draws other scenes and phrasings from the same held-out templates)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -728,7 +815,7 @@ def main_eval(argv: list[str]) -> int:
 
     core = CoreModel.load(a.model)
     res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
-                   max_new_tokens=a.max_new_tokens, kind=a.kind)
+                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed)
     res["decoding"] = "grammar" if a.grammar else "unconstrained"
     errors = res.pop("errors")
     if a.errors:

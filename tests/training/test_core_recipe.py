@@ -12,6 +12,12 @@ from training import core as recipe
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _optimizer_states_in_tmp(tmp_path, monkeypatch):
+    """The tiny runs' optimizer states go to the test's folder, not the user's cache (.cache/core)."""
+    monkeypatch.setattr(recipe, "_state_path", lambda out: tmp_path / "states" / f"trainer_state-{out.name}.pt")
+
+
 def _has_tokenizer() -> bool:
     return (REPO / "models" / "core" / "tokenizer" / "tokenizer.json").exists()
 
@@ -154,3 +160,62 @@ def test_fine_tune_a_llava_checkpoint_with_the_same_recipe(tmp_path):
     text = core.generate([{"role": "user", "content": "find the red circle", "images": [img]}],
                          {img: make_scene(3, size=64).image}, max_new_tokens=4)
     assert isinstance(text, str)
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_snapshots_and_average(tmp_path, capsys):
+    """--snapshot-every keeps the adapter along the run; --average writes their element-wise mean as
+    a loadable core, and refuses adapters of another layout with a clear error."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "core"
+    assert recipe.main_train(["--tiny", "--steps", "3", "--out", str(out), "--snapshot-every", "1",
+                              "--save-every", "10"]) == 0
+    snaps = sorted((out / "snapshots").glob("*.safetensors"))
+    assert [s.name for s in snaps] == ["step-000001.safetensors", "step-000002.safetensors",
+                                       "step-000003.safetensors"]
+    states = [load_file(str(s)) for s in snaps]
+    key = next(k for k in states[0] if "lora_B" in k)
+    assert not (states[0][key] == states[2][key]).all()  # the run moved between snapshots
+
+    soup = tmp_path / "soup"
+    capsys.readouterr()
+    assert recipe.main_train(["--average", str(out), *map(str, snaps[:2]), "--out", str(soup)]) == 0
+    assert json.loads(capsys.readouterr().out)["averaged"] == 3
+    avg = load_file(str(soup / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k in avg:
+        assert (avg[k] - (final[k] + states[0][k] + states[1][k]) / 3).abs().max() < 1e-6, k
+    info = json.loads((soup / "core.json").read_text())
+    assert len(info["averaged_from"]) == 3 and info["trained_steps"] == 3
+    from orchestrator.core.model import CoreModel
+
+    core = CoreModel.load(soup)
+    assert isinstance(core.generate_batch([([{"role": "user", "content": "hello"}], {})], max_new_tokens=3)[0], str)
+
+    other = tmp_path / "other"
+    assert recipe.main_train(["--tiny", "--steps", "1", "--out", str(other), "--lora-layers", "1"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        recipe.main_train(["--average", str(out), str(other), "--out", str(tmp_path / "bad")])
+    assert "not adapters of one layout" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.main_train(["--average", str(out), "--out", str(tmp_path / "bad")])
+    assert "at least two" in capsys.readouterr().err
+
+
+def test_eval_seed_picks_another_heldout_draw(monkeypatch, capsys):
+    """--seed is passed to evaluate (another draw of the held-out templates); the default is draw 0."""
+    seen = []
+
+    class _Core:
+        @staticmethod
+        def load(path):
+            return object()
+
+    monkeypatch.setattr("orchestrator.core.model.CoreModel", _Core)
+    monkeypatch.setattr(recipe, "evaluate", lambda core, **kw: seen.append(kw["seed"]) or {"errors": []})
+    assert recipe.main_eval(["--json", "--n", "2", "--no-human"]) == 0
+    assert recipe.main_eval(["--json", "--n", "2", "--no-human", "--seed", "3"]) == 0
+    assert seen == [0, 3]
