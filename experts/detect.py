@@ -394,7 +394,9 @@ class DetectExpert(Expert):
         Example(request="find the {object}", args={"image": "{image}", "query": "{object}"}),
         Example(request="where is the {object}?", args={"image": "{image}", "query": "{object}"}),
         Example(request="detect every {shape} in the picture", args={"image": "{image}", "query": "{shape}"}),
-        Example(request="are there any {colour} shapes here?", args={"image": "{image}", "query": "{colour}"}),
+        # "{colour} shape", as in every other colour query of the data and of the human set (the matcher
+        # drops "shape" as a generic noun: the same detections as a bare "{colour}")
+        Example(request="are there any {colour} shapes here?", args={"image": "{image}", "query": "{colour} shape"}),
         Example(request="draw boxes around all the objects", args={"image": "{image}", "query": "everything"}),
         Example(request="how many {shape}s can you see?", args={"image": "{image}", "query": "{shape}"}),
         Example(request="locate the {object}, only if you are sure",

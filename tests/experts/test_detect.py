@@ -237,6 +237,8 @@ def matcher() -> QueryMatcher:
     ("the topmost shape", None, None, "top", "any"),
     ("the blue shape", None, "blue", None, "any"),
     ("the purple one", None, "purple", None, "any"),
+    ("orange shape", None, "orange", None, "any"),  # the data's colour query: the same as a bare colour
+    ("orange", None, "orange", None, "any"),
     ("violet", None, "purple", None, "any"),
     ("everything", None, None, None, "any"),
     ("all objects", None, None, None, "any"),
