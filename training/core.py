@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -303,8 +304,6 @@ def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
     tmp = out / ".adapter.tmp"
     peft_model.save_pretrained(str(tmp))
     if (out / "adapter").exists():
-        import shutil
-
         shutil.rmtree(out / "adapter")
     tmp.rename(out / "adapter")
     vstate = cm.vision_state_dict(peft_model)
@@ -419,8 +418,6 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
         if (step + 1) % save_every == 0 or done or step + 1 == steps or snap:
             _checkpoint(core, opt, out, state_path, step + 1, history, time.time() - t0, steps, batch, lr, seed)
         if snap:
-            import shutil
-
             (out / "snapshots").mkdir(exist_ok=True)
             shutil.copyfile(out / "adapter" / "adapter_model.safetensors",
                             out / "snapshots" / f"step-{step + 1:06d}.safetensors")
@@ -478,8 +475,6 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     from one another, or the snapshots of one run. A source is a core directory or an adapter
     ``.safetensors`` file; ``out`` gets the first directory's other parts (config, vision tower,
     tokenizer, adapter config) and the averaged adapter, and its core.json lists the sources."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file, save_file
 
