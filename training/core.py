@@ -347,11 +347,15 @@ def encode_sample(core: Any, sample: Any, images: _Images) -> dict[str, Any]:
 def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: bool, tiny: bool,
           save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int | None = None,
           train_vision: bool = False, base: Path | None = None, snapshot_every: int = 0,
-          log: Any = print) -> dict[str, Any]:
+          align: bool = False, log: Any = print) -> dict[str, Any]:
     """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
     follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals.
     ``snapshot_every`` > 0 also keeps a copy of the adapter every that many steps in
-    ``out/snapshots/`` for ``average_cores`` (weight averaging along the run)."""
+    ``out/snapshots/`` for ``average_cores`` (weight averaging along the run).
+
+    ``align`` is LLaVA's stage 1 (feature alignment) on a trained core: only the projector trains
+    (the LoRA adapter and the LM stay frozen), on questions about the attached image answered from its
+    pixels (describe it, its background), so image tokens start to carry what the image shows."""
     import torch
     from tqdm import tqdm
 
@@ -359,15 +363,21 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
 
     _threads(threads)
     torch.manual_seed(seed)
-    core = build_trainable(tiny=tiny, out=out, resume=resume, lora_layers=lora_layers, train_vision=train_vision,
-                           base=base, log=log)
+    core = build_trainable(tiny=tiny, out=out, resume=resume, lora_layers=lora_layers,
+                           train_vision=train_vision or align, base=base, log=log)
     model = core.model
+    if align:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(False)
     if torch.cuda.is_available():
         model.to("cuda")
     model.train()
     state_path = _state_path(out)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if not lora + rest:
+        raise ValueError("nothing to train: no LoRA layers and no projector (use --train-vision or --align)")
     opt = torch.optim.AdamW([{"params": lora, "lr": lr}, {"params": rest, "lr": lr * 3}], weight_decay=0.0)
     start_step, history, spent = 0, [], 0.0
     if resume and state_path.exists() and (out / "core.json").exists():
@@ -379,7 +389,8 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
         start_step, history, spent = st["step"], st["history"], st.get("elapsed", 0.0)
         log(f"core: resuming from step {start_step} ({spent / 60:.1f} min spent)")
     n_train = sum(p.numel() for p in lora + rest)
-    log(f"core: {n_train / 1e6:.2f}M trainable parameters; batch {batch}; up to {steps} steps"
+    log(f"core: {n_train / 1e6:.2f}M trainable parameters{' (projector only: --align)' if align else ''}; "
+        f"batch {batch}; up to {steps} steps"
         + (f" or {minutes:.0f} min" if minutes else ""))
     gen = Generator(split="train", seed=seed + start_step, n_scenes=24 if tiny or steps * batch < 400 else 400)
     core.info["experts"] = {n: gen.registry.package_of(n) for n in gen.registry.names()}
@@ -393,7 +404,7 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     for step in bar:
         if not pool:
             # a pool of 4 batches sorted by length: little padding per batch
-            items = [encode_sample(core, s, images) for s in gen.generate(batch * 4)]
+            items = [encode_sample(core, s, images) for s in gen.generate(batch * 4, "describe" if align else None)]
             items = [it for it in items if len(it["input_ids"]) <= max_len]
             items.sort(key=lambda it: len(it["input_ids"]))
             chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
@@ -545,6 +556,8 @@ def main_train(argv: list[str]) -> int:
                    "through every layer: use it on a GPU)")
     p.add_argument("--base", type=Path, default=None, help="fine-tune a full LLaVA-family checkpoint directory "
                    "instead of the embedded SmolLM2 core (a bigger core, on a GPU)")
+    p.add_argument("--align", action="store_true", help="train only the projector, on questions about the "
+                   "attached image (LLaVA stage 1 on a trained core: the LoRA adapter stays as it is)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="also keep the adapter every N steps in OUT/snapshots/ (for --average)")
     p.add_argument("--average", type=Path, nargs="+", default=None, metavar="SRC",
@@ -579,7 +592,7 @@ def main_train(argv: list[str]) -> int:
         res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
                     save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
                     lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base,
-                    snapshot_every=a.snapshot_every)
+                    snapshot_every=a.snapshot_every, align=a.align)
     except AdapterLayersError as e:
         p.error(str(e))
     print(json.dumps(res))
@@ -653,6 +666,33 @@ def routing_metrics(golds: list[list[dict]], preds: list[list[Any]], prefix: str
 
 _NUM = re.compile(r"\d+(?:\.\d+)?")
 _NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "hexagon", "star")
+
+
+_SHAPE_WORD = "circle|square|triangle|hexagon|star"
+_GROUP = re.compile(rf"\b(red|green|blue|yellow|purple|orange) ({_SHAPE_WORD})s?\b")
+_BACKGROUND = re.compile(r"\b((?:noisy |textured )?[a-z]+(?: grey)?(?: gradient)? background)\b")
+
+
+def scene_facts(text: str) -> set[str]:
+    """What a description says of the image: each colour shape it names ("red circle", plurals
+    alike) and its background phrase ("noisy beige background")."""
+    low = text.lower()
+    facts = {f"{c} {s}" for c, s in _GROUP.findall(low)}
+    return facts | {f"bg: {b.removeprefix('a ').removeprefix('an ')}" for b in _BACKGROUND.findall(low)}
+
+
+def grounding_metrics(golds: list[str], preds: list[str]) -> dict[str, Any]:
+    """How well answers about the attached image (describe it, its background) match the scene:
+    micro F1 over ``scene_facts`` and the share of answers that equal the reference exactly (every
+    count too). A core whose image tokens are blank scores what guessing a typical scene gives."""
+    tp = fp = fn = exact = 0
+    for g, p in zip(golds, preds, strict=True):
+        gs, ps = scene_facts(g), scene_facts(p)
+        tp, fp, fn = tp + len(gs & ps), fp + len(ps - gs), fn + len(gs - ps)
+        exact += " ".join(g.lower().split()) == " ".join(p.lower().split())
+    n = len(golds)
+    return {"grounding_f1": round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None,
+            "grounding_exact": round(exact / n, 4) if n else None, "n_grounding": n}
 
 
 def faithful(answer: str, tool_text: str, facts: list[str]) -> bool:
@@ -774,6 +814,8 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     ok = [faithful(p, s.messages[-1]["content"], s.facts) and not parse(p).calls for s, p in fus]
     res["fusion_faithfulness"] = round(sum(ok) / len(ok), 4) if ok else None
     res["n_fusion"] = len(ok)
+    desc = [(s, p) for s, p in zip(samples, preds, strict=True) if s.source == "describe"]
+    res.update(grounding_metrics([s.answer for s, _ in desc], [p for _, p in desc]))
     if hum:
         res.update(routing_metrics([s.calls for s, _ in hum], [parse(p).calls for _, p in hum], prefix="human_"))
     res["errors"] = [{"kind": s.kind, "source": s.source, "request": s.messages[-1]["content"][:200],
@@ -781,7 +823,8 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
                           f'{c["expert"]} {c["args"]}' for c in s.calls) or "(no call)", "got": p}
                      for s, p in zip(samples, preds, strict=True)
                      if (s.kind == "fusion" and not faithful(p, s.messages[-1]["content"], s.facts))
-                     or (s.kind != "fusion" and _norm_calls(s.calls) != _norm_calls(parse(p).calls))]
+                     or (s.kind != "fusion" and _norm_calls(s.calls) != _norm_calls(parse(p).calls))
+                     or (s.source == "describe" and scene_facts(p) != scene_facts(s.answer))]
     return res
 
 
@@ -798,7 +841,7 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--errors", type=Path, default=None, help="write the failures to this JSON file")
     p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
     p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion"], default=None,
+    p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion", "describe"], default=None,
                    help="only held-out samples of this kind (default: the training mix)")
     p.add_argument("--seed", type=int, default=0, help="which held-out draw (default 0, the one MODEL_CARD.md "
                    "quotes; another seed draws other scenes and phrasings from the same held-out templates)")

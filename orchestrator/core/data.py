@@ -803,6 +803,12 @@ class Generator:
         return Sample("chain", [_user(req, img if ch.image else None)], calls_text(calls),
                       {img: seed} if ch.image else {}, calls, source="chain:" + template, split=self.split)
 
+    def sample_describe(self) -> Sample:
+        """A question about the attached image itself (describe it, its background), answered from
+        the pixels with no expert: the ``none`` kind's grounded part, and the data of
+        ``switchboard train core --align`` (LLaVA's stage 1: the projector learns to show the image)."""
+        return _make_describe(self)
+
     def sample_none(self) -> Sample:
         rng = self.rng
         kinds = [k for k in NONE_KINDS if k.available(self)]

@@ -219,3 +219,50 @@ def test_eval_seed_picks_another_heldout_draw(monkeypatch, capsys):
     assert recipe.main_eval(["--json", "--n", "2", "--no-human"]) == 0
     assert recipe.main_eval(["--json", "--n", "2", "--no-human", "--seed", "3"]) == 0
     assert seen == [0, 3]
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_align_trains_the_projector_only(tmp_path, capsys):
+    """--align (LLaVA stage 1 on a trained core): the projector learns from questions about the image,
+    the LoRA adapter is saved exactly as it was, and the eval reports grounding on describe samples."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "core"
+    assert recipe.main_train(["--tiny", "--steps", "2", "--out", str(out)]) == 0
+    adapter0 = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    proj0 = {k: v for k, v in load_file(str(out / "vision.safetensors")).items() if "multi_modal_projector" in k}
+    assert not proj0["multi_modal_projector.linear_2.weight"].any()  # blank image tokens before
+    assert recipe.main_train(["--tiny", "--align", "--steps", "4", "--lr", "1e-2", "--out", str(out),
+                              "--resume"]) == 0
+    adapter1 = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter1.keys() == adapter0.keys()
+    assert all((adapter1[k] == adapter0[k]).all() for k in adapter0)
+    proj1 = load_file(str(out / "vision.safetensors"))
+    assert proj1["multi_modal_projector.linear_2.weight"].abs().sum() > 0
+    capsys.readouterr()
+    assert recipe.main_eval(["--model", str(out), "--n", "4", "--no-human", "--json", "--kind", "describe"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n_grounding"] == 4 and "grounding_f1" in res
+
+
+def test_grounding_metrics():
+    assert recipe.scene_facts("The image shows a red circle, two blue squares and a star on a noisy dark grey "
+                              "background.") == {"red circle", "blue square", "bg: noisy dark grey background"}
+    assert recipe.scene_facts("It is a grey gradient background.") == {"bg: grey gradient background"}
+    gold = ["The image shows a red circle and two blue squares on a beige background.", "It is a white background."]
+    assert recipe.grounding_metrics(gold, gold) == {"grounding_f1": 1.0, "grounding_exact": 1.0, "n_grounding": 2}
+    res = recipe.grounding_metrics(gold, ["The image shows a red circle and a green star on a beige background.",
+                                          "It is a slate background."])
+    # facts: gold {red circle, blue square, bg beige} + {bg white}; predicted {red circle, green star,
+    # bg beige} + {bg slate}: tp 2, fp 2, fn 2
+    assert res == {"grounding_f1": 0.5, "grounding_exact": 0.0, "n_grounding": 2}
+    assert recipe.grounding_metrics([], [])["grounding_f1"] is None
+
+
+def test_describe_samples_ask_about_the_attached_image():
+    from orchestrator.core.data import Generator
+
+    for s in Generator(split="heldout", seed=3, n_scenes=16).generate(12, "describe"):
+        assert s.kind == "none" and s.source == "describe" and not s.calls and len(s.images) == 1
+        assert s.answer.startswith(("The image shows ", "It is a "))
