@@ -376,8 +376,6 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     state_path = _state_path(out)
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    if not lora + rest:
-        raise ValueError("nothing to train: no LoRA layers and no projector (use --train-vision or --align)")
     opt = torch.optim.AdamW([{"params": lora, "lr": lr}, {"params": rest, "lr": lr * 3}], weight_decay=0.0)
     start_step, history, spent = 0, [], 0.0
     if resume and state_path.exists() and (out / "core.json").exists():
@@ -665,11 +663,10 @@ def routing_metrics(golds: list[list[dict]], preds: list[list[Any]], prefix: str
 
 
 _NUM = re.compile(r"\d+(?:\.\d+)?")
-_NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "hexagon", "star")
-
-
-_SHAPE_WORD = "circle|square|triangle|hexagon|star"
-_GROUP = re.compile(rf"\b(red|green|blue|yellow|purple|orange) ({_SHAPE_WORD})s?\b")
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+_SHAPES = ("circle", "square", "triangle", "hexagon", "star")
+_NAMES = _COLOURS + _SHAPES
+_GROUP = re.compile(rf"\b({'|'.join(_COLOURS)}) ({'|'.join(_SHAPES)})s?\b")
 _BACKGROUND = re.compile(r"\b((?:noisy |textured )?[a-z]+(?: grey)?(?: gradient)? background)\b")
 
 
@@ -842,7 +839,8 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion", "describe"], default=None,
-                   help="only held-out samples of this kind (default: the training mix)")
+                   help="only held-out samples of this kind (default: the training mix; describe: the "
+                   "no-expert questions about the attached image that grounding is measured on)")
     p.add_argument("--seed", type=int, default=0, help="which held-out draw (default 0, the one MODEL_CARD.md "
                    "quotes; another seed draws other scenes and phrasings from the same held-out templates)")
     a = p.parse_args(argv)
