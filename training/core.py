@@ -351,7 +351,8 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
     follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals.
     ``snapshot_every`` > 0 also keeps a copy of the adapter every that many steps in
-    ``out/snapshots/`` for ``average_cores`` (weight averaging along the run).
+    ``out/snapshots/`` for ``average_cores`` (weight averaging along the run), and of the projector
+    when it trains (``step-N.projector.safetensors``).
 
     ``align`` is LLaVA's stage 1 (feature alignment) on a trained core: only the projector trains
     (the LoRA adapter and the LM stay frozen), on questions about the attached image answered from its
@@ -430,6 +431,9 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
             (out / "snapshots").mkdir(exist_ok=True)
             shutil.copyfile(out / "adapter" / "adapter_model.safetensors",
                             out / "snapshots" / f"step-{step + 1:06d}.safetensors")
+            if train_vision or align:  # the projector moves too: keep it beside the adapter
+                _save_projector(out / "vision.safetensors",
+                                out / "snapshots" / f"step-{step + 1:06d}{PROJECTOR_SUFFIX}")
         if done:
             log(f"core: time budget of {minutes} min reached at step {step + 1}")
             break
@@ -475,6 +479,24 @@ def _checkpoint(core: Any, opt: Any, out: Path, state_path: Path, step: int, his
     tmp.replace(state_path)
 
 
+PROJECTOR_SUFFIX = ".projector.safetensors"
+_PROJECTOR = "multi_modal_projector."
+
+
+def _save_projector(vision: Path, dest: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v for k, v in load_file(str(vision)).items() if k.startswith(_PROJECTOR)}, str(dest))
+
+
+def _projector_of(src: Path) -> Path | None:
+    """The projector that goes with an adapter source: a core directory's vision.safetensors, or the
+    ``step-N.projector.safetensors`` a run that trained the projector kept beside ``step-N.safetensors``."""
+    f = src / "vision.safetensors" if src.is_dir() else src.with_name(src.name[:-len(".safetensors")]
+                                                                         + PROJECTOR_SUFFIX)
+    return f if f.is_file() else None
+
+
 class AverageError(ValueError):
     """Adapters that cannot be averaged (missing, or not the same tensors)."""
 
@@ -487,13 +509,16 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    files, dirs = [], []
+    files, dirs, projectors = [], [], []
     for src in sources:
+        if src.name.endswith(PROJECTOR_SUFFIX):  # a snapshot's projector: taken with its adapter below
+            continue
         f = src / "adapter" / "adapter_model.safetensors" if src.is_dir() else src
         if not f.is_file():
             raise AverageError(f"{src}: not a core directory with adapter/adapter_model.safetensors, nor an "
                                "adapter .safetensors file")
         files.append(f)
+        projectors.append(_projector_of(src))
         if src.is_dir():
             dirs.append(src)
     if len(files) < 2:
@@ -524,10 +549,25 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     tmp = out / "adapter" / ".adapter_model.tmp"
     save_file(avg, str(tmp))
     tmp.replace(out / "adapter" / "adapter_model.safetensors")
+    # the projector: averaged with the adapters when every source has one (a run that trained it),
+    # else the first directory's, as the rest of the vision tower always is
+    averaged_projector = all(projectors) and (first / "vision.safetensors").is_file()
+    if averaged_projector:
+        vision = load_file(str(first / "vision.safetensors"))
+        projs = [load_file(str(f)) for f in projectors]
+        for k in [k for k in vision if k.startswith(_PROJECTOR)]:
+            if any(k not in pr or pr[k].shape != vision[k].shape for pr in projs):
+                raise AverageError(f"the projectors of {sources[0]} and the other sources differ in layout ({k})")
+            vision[k] = (sum(pr[k].to(torch.float32) for pr in projs) / len(projs)).to(vision[k].dtype).contiguous()
+        tmp = out / ".vision.tmp"
+        save_file(vision, str(tmp))
+        tmp.replace(out / "vision.safetensors")
     info = json.loads((first / "core.json").read_text())
     info["averaged_from"] = [str(f) for f in files]
+    info["projector"] = "averaged" if averaged_projector else f"from {first}"
     (out / "core.json").write_text(json.dumps(info, indent=1) + "\n")
-    return {"out": str(out), "averaged": len(files), "tensors": len(layout)}
+    return {"out": str(out), "averaged": len(files), "tensors": len(layout),
+            "projector": info["projector"]}
 
 
 def main_train(argv: list[str]) -> int:
@@ -557,11 +597,13 @@ def main_train(argv: list[str]) -> int:
     p.add_argument("--align", action="store_true", help="train only the projector, on questions about the "
                    "attached image (LLaVA stage 1 on a trained core: the LoRA adapter stays as it is)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
-                   help="also keep the adapter every N steps in OUT/snapshots/ (for --average)")
+                   help="also keep the adapter (and, when it trains, the projector) every N steps in "
+                   "OUT/snapshots/ (for --average)")
     p.add_argument("--average", type=Path, nargs="+", default=None, metavar="SRC",
                    help="train nothing: write into --out the weight average of these cores' adapters "
                    "(core directories or adapter .safetensors files, e.g. OUT/snapshots/*; the first "
-                   "directory gives the other parts)")
+                   "directory gives the other parts; the projectors are averaged too when every source "
+                   "has one)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -205,6 +205,44 @@ def test_snapshots_and_average(tmp_path, capsys):
     assert "at least two" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_snapshots_keep_and_average_the_projector_when_it_trains(tmp_path, capsys):
+    """A run that trains the projector (--train-vision) snapshots it beside each adapter; --average
+    then averages the projectors as well (the vision tower itself is the first directory's), and an
+    average with a source that has no projector keeps the first directory's."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "core"
+    assert recipe.main_train(["--tiny", "--steps", "2", "--out", str(out), "--train-vision", "--lr", "1e-2",
+                              "--snapshot-every", "1", "--save-every", "10"]) == 0
+    snaps = sorted((out / "snapshots").iterdir())
+    assert [s.name for s in snaps] == ["step-000001.projector.safetensors", "step-000001.safetensors",
+                                       "step-000002.projector.safetensors", "step-000002.safetensors"]
+    p1 = load_file(str(snaps[0]))
+    final = load_file(str(out / "vision.safetensors"))
+    assert p1 and all(k.startswith("multi_modal_projector.") for k in p1)
+    key = next(k for k in p1 if k.endswith("weight"))
+    assert not (p1[key] == final[key]).all()  # the projector moved between step 1 and the end
+
+    soup = tmp_path / "soup"
+    capsys.readouterr()
+    assert recipe.main_train(["--average", str(out), *map(str, snaps), "--out", str(soup)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["averaged"] == 3 and res["projector"] == "averaged"  # the .projector files are not adapters
+    avg = load_file(str(soup / "vision.safetensors"))
+    p2 = load_file(str(snaps[2]))
+    for k in final:
+        want = (final[k] + p1[k] + p2[k]) / 3 if k in p1 else final[k]
+        assert (avg[k] - want).abs().max() < 1e-6, k
+
+    (snaps[0]).unlink()  # step 1 now has no projector: the first directory's is kept
+    assert recipe.main_train(["--average", str(out), str(snaps[1]), "--out", str(tmp_path / "soup2")]) == 0
+    assert json.loads(capsys.readouterr().out)["projector"] == f"from {out}"
+    kept = load_file(str(tmp_path / "soup2" / "vision.safetensors"))
+    assert all((kept[k] == final[k]).all() for k in final)
+
+
 def test_eval_seed_picks_another_heldout_draw(monkeypatch, capsys):
     """--seed is passed to evaluate (another draw of the held-out templates); the default is draw 0."""
     seen = []
