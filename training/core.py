@@ -505,7 +505,9 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     """Uniform weight average ("model soup") of LoRA adapters that share one layout: runs resumed
     from one another, or the snapshots of one run. A source is a core directory or an adapter
     ``.safetensors`` file; ``out`` gets the first directory's other parts (config, vision tower,
-    tokenizer, adapter config) and the averaged adapter, and its core.json lists the sources."""
+    tokenizer, adapter config) and the averaged adapter, and its core.json lists the sources. The
+    projector is averaged too when every source has one (a directory's, or a snapshot's
+    ``.projector`` file); otherwise it is the first directory's."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -557,7 +559,7 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
         projs = [load_file(str(f)) for f in projectors]
         for k in [k for k in vision if k.startswith(_PROJECTOR)]:
             if any(k not in pr or pr[k].shape != vision[k].shape for pr in projs):
-                raise AverageError(f"the projectors of {sources[0]} and the other sources differ in layout ({k})")
+                raise AverageError(f"the projectors of {first} and the other sources differ in layout ({k})")
             vision[k] = (sum(pr[k].to(torch.float32) for pr in projs) / len(projs)).to(vision[k].dtype).contiguous()
         tmp = out / ".vision.tmp"
         save_file(vision, str(tmp))
