@@ -293,6 +293,10 @@ def _trainable_from_base(base: Path, *, out: Path, resumed: bool, lora_r: int, l
     return core
 
 
+PROJECTOR_SUFFIX = ".projector.safetensors"  # a snapshot's projector, beside its step-N.safetensors
+_PROJECTOR = "multi_modal_projector."  # key prefix of the projector in vision.safetensors
+
+
 def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
     """Write the small trained parts (see orchestrator/core/model.py) atomically-enough into ``out``."""
     from safetensors.torch import save_file
@@ -308,7 +312,7 @@ def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
     tmp.rename(out / "adapter")
     vstate = cm.vision_state_dict(peft_model)
     if core.info.get("base") not in ("included", cm.BASE_NAME):  # a LLaVA base keeps its own tower
-        vstate = {k: v for k, v in vstate.items() if k.startswith("multi_modal_projector.")}
+        vstate = {k: v for k, v in vstate.items() if k.startswith(_PROJECTOR)}
     save_file(vstate, str(out / "vision.safetensors"))
     peft_model.get_base_model().config.save_pretrained(str(out))
     core.tokenizer.save_pretrained(str(out / "tokenizer"))
@@ -479,10 +483,6 @@ def _checkpoint(core: Any, opt: Any, out: Path, state_path: Path, step: int, his
     tmp.replace(state_path)
 
 
-PROJECTOR_SUFFIX = ".projector.safetensors"
-_PROJECTOR = "multi_modal_projector."
-
-
 def _save_projector(vision: Path, dest: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -497,6 +497,11 @@ def _projector_of(src: Path) -> Path | None:
     return f if f.is_file() else None
 
 
+def _mean(tensors: list[Any]) -> Any:
+    """Element-wise mean, computed in float32, in the first tensor's dtype."""
+    return (sum(t.float() for t in tensors) / len(tensors)).to(tensors[0].dtype).contiguous()
+
+
 class AverageError(ValueError):
     """Adapters that cannot be averaged (missing, or not the same tensors)."""
 
@@ -508,7 +513,6 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     tokenizer, adapter config) and the averaged adapter, and its core.json lists the sources. The
     projector is averaged too when every source has one (a directory's, or a snapshot's
     ``.projector`` file); otherwise it is the first directory's."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     files, dirs, projectors = [], [], []
@@ -533,8 +537,7 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
         if {k: tuple(v.shape) for k, v in st.items()} != layout:
             raise AverageError(f"{f} and {files[0]} are not adapters of one layout (other layers, rank or "
                                "targets): only adapters of one lineage can be averaged")
-    avg = {k: (sum(st[k].to(torch.float32) for st in states) / len(states)).to(states[0][k].dtype).contiguous()
-           for k in layout}
+    avg = {k: _mean([st[k] for st in states]) for k in layout}
     first = dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     if first.resolve() != out.resolve():
@@ -553,14 +556,14 @@ def average_cores(sources: list[Path], out: Path) -> dict[str, Any]:
     tmp.replace(out / "adapter" / "adapter_model.safetensors")
     # the projector: averaged with the adapters when every source has one (a run that trained it),
     # else the first directory's, as the rest of the vision tower always is
-    averaged_projector = all(projectors) and (first / "vision.safetensors").is_file()
+    averaged_projector = all(projectors)  # first's own is first / "vision.safetensors" then
     if averaged_projector:
         vision = load_file(str(first / "vision.safetensors"))
         projs = [load_file(str(f)) for f in projectors]
         for k in [k for k in vision if k.startswith(_PROJECTOR)]:
             if any(k not in pr or pr[k].shape != vision[k].shape for pr in projs):
                 raise AverageError(f"the projectors of {first} and the other sources differ in layout ({k})")
-            vision[k] = (sum(pr[k].to(torch.float32) for pr in projs) / len(projs)).to(vision[k].dtype).contiguous()
+            vision[k] = _mean([pr[k] for pr in projs])
         tmp = out / ".vision.tmp"
         save_file(vision, str(tmp))
         tmp.replace(out / "vision.safetensors")
