@@ -35,8 +35,9 @@ system-deps: ## redis-server (integration tests), docker-compose (compose file c
 demo: install ## the main job on the embedded default
 	$(VENV)/bin/switchboard demo
 
-test: install system-deps ## lint, then the whole suite (unit, integration with real Redis and workers)
+test: install system-deps ## lint, the layer contracts, then the whole suite (unit, integration with real Redis and workers)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: install ## unit tests only
@@ -44,6 +45,7 @@ test-fast: install ## unit tests only
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 serve: install ## the API and web page on http://127.0.0.1:8000
 	$(VENV)/bin/switchboard serve

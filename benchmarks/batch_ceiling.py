@@ -100,9 +100,9 @@ def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from batching import availability, make_inputs
 
-    from experts.base import RunContext
-    from experts.registry import get_registry
-    from orchestrator.artifacts import ArtifactStore
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.expert import RunContext
+    from switchboard.registry import get_registry
 
     torch.set_num_threads(a.threads)
     registry = get_registry()

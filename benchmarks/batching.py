@@ -58,7 +58,7 @@ def pct(values: list[float], q: float) -> float:
 
 def availability(name: str, registry: Any) -> str | None:
     """None when the expert can be benchmarked here, else why not."""
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     s = get_settings()
     if name == "generate":
@@ -177,9 +177,9 @@ def compare(name: str, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[
 
 
 def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from experts.registry import Registry, get_registry
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.settings import Settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.registry import Registry, get_registry
+    from switchboard.settings import Settings
     from workers.dispatch import QueuedDispatcher
     from workers.testing import RedisServer, worker_env
 
@@ -206,7 +206,7 @@ def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             for n in full.names():
                 registry.register(full.get_class(n))
             if extra:
-                from experts.registry import load_extra_experts
+                from switchboard.registry import load_extra_experts
 
                 load_extra_experts(registry, ",".join(extra))
             settings = Settings(broker_url=redis_server.url, artifact_dir=tmp / "artifacts", call_timeout_s=600)

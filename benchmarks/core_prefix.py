@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     import torch
 
-    from experts.registry import get_registry
-    from orchestrator.artifacts import ArtifactStore
     from orchestrator.core.loop import Assistant
     from orchestrator.core.model import CoreModel
     from orchestrator.dispatch import LocalDispatcher
     from orchestrator.session import ConversationStore
-    from orchestrator.settings import get_settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.registry import get_registry
+    from switchboard.settings import get_settings
     from training.shapes import make_scene
 
     if a.threads:

@@ -35,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python benchmarks/dispatc
 
 from pydantic import BaseModel  # noqa: E402
 
-from experts.base import Expert, ExpertResult, ImageRef, RunContext  # noqa: E402
+from switchboard.expert import Expert, ExpertResult, ImageRef, RunContext  # noqa: E402
 
 
 # -- the experts measured (workers load them through SWITCHBOARD_EXTRA_EXPERTS) -------------------------
@@ -261,10 +261,10 @@ def throughput(queued: Any, registry: Any, env: dict[str, str], tmp: Path, worke
 
 
 def run(calls: int, worker_counts: list[int], sleep_calls_per_worker: int, log: Any) -> dict[str, Any]:
-    from experts.registry import Registry
-    from orchestrator.artifacts import ArtifactStore
     from orchestrator.dispatch import LocalDispatcher
-    from orchestrator.settings import Settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.registry import Registry
+    from switchboard.settings import Settings
     from workers.dispatch import QueuedDispatcher
     from workers.testing import RedisServer, WorkerProcess, worker_env
 

@@ -45,7 +45,7 @@ BUILTINS = {"generate": "experts.generate:GenerateExpert", "edit": "experts.edit
 
 
 def registry_with_builtins() -> Any:
-    from experts.registry import get_registry, load_extra_experts
+    from switchboard.registry import get_registry, load_extra_experts
 
     reg = get_registry()
     for name, spec in BUILTINS.items():
@@ -78,9 +78,9 @@ def sample_calls(store: Any) -> dict[str, dict[str, Any]]:
 
 def child(budget_mb: float | None, rounds: int) -> dict[str, Any]:
     """Serve every expert round-robin in this process; report what the budget saw."""
-    from experts.base import RunContext
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.memory import MemoryBudget, peak_rss_bytes, rss_bytes, set_budget
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.expert import RunContext
+    from switchboard.memory import MemoryBudget, peak_rss_bytes, rss_bytes, set_budget
 
     budget = MemoryBudget(int(budget_mb * MB) if budget_mb else None)
     set_budget(budget)

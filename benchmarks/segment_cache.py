@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from experts.base import RunContext
     from experts.segment import SegmentExpert
-    from orchestrator.artifacts import ArtifactStore
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.expert import RunContext
     from training.shapes import make_scene
 
     torch.set_num_threads(a.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-from experts.base import BoxesRef, Example, Expert, ExpertResult, ImageRef, RunContext
+from switchboard.expert import BoxesRef, Example, Expert, ExpertResult, ImageRef, RunContext
 
 
 class CropArgs(BaseModel):

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext, map_on_threads
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef, RunContext, map_on_threads
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Hue (degrees) of each palette colour; pixels are named by the nearest hue, which works for the
@@ -418,7 +418,7 @@ class DetectExpert(Expert):
         return Path(settings.detect_weights) if settings.detect_weights else Path(settings.models_dir) / "detector" / "best.pt"
 
     def setup(self) -> None:
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         settings = get_settings()
         weights = self.weights_path(settings)

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from experts.base import Example, Expert, ExpertResult, ImageRef, MaskRef, RunContext
 from experts.generate import GeneratorWeightsMissing, load_diffusers, model_path, torch_device
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef, MaskRef, RunContext
 
 # the masked region's bounding box covers this fraction of the crop's side: objects in the
 # generator's training images span 0.54-0.76 of the frame, so a new object comes out at about
@@ -144,7 +144,7 @@ class EditExpert(Expert):
 
     def setup(self) -> None:
         from experts.pixel_diffusion import PixelPipeline, is_pixel_pipeline
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         path = model_path(get_settings())
         if not (path / "model_index.json").is_file():

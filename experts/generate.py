@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from experts.base import Example, Expert, ExpertResult, RunContext
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
+from switchboard.expert import Example, Expert, ExpertResult, RunContext
 
 EMBEDDED_OUTPUT_SIZE = 128
 
@@ -90,7 +90,7 @@ class GenerateExpert(Expert):
     # -- loading ------------------------------------------------------------------------------------
     def setup(self) -> None:
         from experts.pixel_diffusion import PixelPipeline, is_pixel_pipeline
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         path = model_path(get_settings())
         if not (path / "model_index.json").is_file():

@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from experts.base import (
+from switchboard.errors import SwitchboardError
+from switchboard.expert import (
     BoxesRef,
     Example,
     Expert,
@@ -62,7 +63,6 @@ from experts.base import (
     RunContext,
     map_on_threads,
 )
-from orchestrator.errors import SwitchboardError
 
 if TYPE_CHECKING:
     import torch
@@ -613,7 +613,7 @@ def _colour_of(image: Image.Image, mask: np.ndarray, fallback: str | None) -> st
 
 def default_cache_size() -> int:
     """Settings.segment_cache_size when the settings have it, else SWITCHBOARD_SEGMENT_CACHE_SIZE, else 16."""
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     value = getattr(get_settings(), "segment_cache_size", None)
     if value is None:
@@ -660,7 +660,7 @@ class SegmentExpert(Expert):
 
     # -- loading ----------------------------------------------------------------------------------
     def setup(self) -> None:
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         settings = get_settings()
         if settings.segment_weights is not None and self.weights_dir is None:
@@ -874,7 +874,7 @@ class SegmentExpert(Expert):
         return boxes
 
     def _run_detect(self, ctx: RunContext, image_id: str, query: str) -> list[dict[str, Any]]:
-        from experts.registry import get_registry
+        from switchboard.registry import get_registry
 
         registry = get_registry()
         if "detect" not in registry:

@@ -1,3 +1,1 @@
-"""Switchboard orchestrator: command language, plans, dispatch, artifacts, the core loop and the API."""
-
-__version__ = "0.1.0"
+"""Switchboard orchestrator: the command language, plans, dispatch, the core loop, the API and the CLI."""

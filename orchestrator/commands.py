@@ -30,8 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from experts.base import artifact_fields
-from orchestrator.artifacts import ID_PATTERN
+from switchboard.artifacts import ID_PATTERN
+from switchboard.expert import artifact_fields
 
 TAG_START = re.compile(r"<call(?=[\s/>])")
 _ATTR = r"""[A-Za-z_][A-Za-z0-9_-]*\s*=\s*(?:"[^"<>]*"|'[^'<>]*')"""

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from experts.base import RunContext
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.errors import SwitchboardError
 from orchestrator.plan import Plan, resolve_args
+from switchboard.artifacts import ArtifactStore
+from switchboard.errors import SwitchboardError
+from switchboard.expert import RunContext
 
 Stage = Literal["queued", "started", "progress", "done", "failed"]
 
@@ -222,17 +222,3 @@ class LocalDispatcher(Dispatcher):
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def make_dispatcher(registry: Any = None, store: ArtifactStore | None = None, settings: Any = None) -> Dispatcher:
-    """The dispatcher the settings ask for: Celery when a broker URL is set, else in-process."""
-    from experts.registry import get_registry
-    from orchestrator.settings import get_settings
-
-    s = settings or get_settings()
-    registry = registry or get_registry()
-    store = store or ArtifactStore.from_settings(s)
-    if s.broker_url:
-        from workers.dispatch import QueuedDispatcher
-
-        return QueuedDispatcher(registry, store, settings=s)
-    return LocalDispatcher(registry, store, max_workers=s.max_parallel_calls, default_timeout=s.call_timeout_s)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from experts.base import artifact_fields
 from orchestrator.commands import REF, CommandError, Validated, ValidCall, parse, validate
+from switchboard.expert import artifact_fields
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
 
 CONV_PATTERN = re.compile(r"^conv-[0-9a-f]{24}$")
 
@@ -49,7 +49,7 @@ class ConversationStore:
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> ConversationStore:
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         s = settings or get_settings()
         return cls(Path(s.artifact_dir).parent / "conversations")

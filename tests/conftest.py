@@ -70,7 +70,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def store(tmp_path: Path):
-    from orchestrator.artifacts import ArtifactStore
+    from switchboard.artifacts import ArtifactStore
 
     return ArtifactStore(tmp_path / "artifacts")
 
@@ -78,7 +78,7 @@ def store(tmp_path: Path):
 @pytest.fixture
 def settings_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Point settings at a temporary artifact dir (and clear the settings cache around the test)."""
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     monkeypatch.setenv("SWITCHBOARD_ARTIFACT_DIR", str(tmp_path / "artifacts"))
     get_settings.cache_clear()
@@ -92,7 +92,7 @@ def registry():
     environment are ignored), so tests do not depend on what else is installed."""
     from importlib.metadata import entry_points
 
-    from experts.registry import GROUP, Registry
+    from switchboard.registry import GROUP, Registry
 
     reg = Registry()
     for ep in entry_points(group=GROUP):

@@ -35,7 +35,7 @@ def test_help_is_fast(tmp_path: Path) -> None:
 
 
 def test_heavy_imports_stay_lazy() -> None:
-    code = ("import sys, orchestrator.cli, experts.registry as r, orchestrator.commands;"
+    code = ("import sys, orchestrator.cli, switchboard.registry as r, orchestrator.commands;"
             "r.get_registry().describe();"
             "print(sorted(m for m in ('torch','ultralytics','diffusers','transformers','celery') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from experts.base import RunContext
-from experts.registry import get_registry, reset_registry
+from switchboard.expert import RunContext
+from switchboard.registry import get_registry, reset_registry
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "examples" / "plugins" / "switchboard-ocr"

@@ -8,7 +8,7 @@
 
 Stage 1 (``vision``): the tiny CLIP ViT learns to count objects per colour, shape and colour×shape
 on shapes-world scenes (cheap: minutes on one core). Stage 2 (``tune``): SmolLM2 + LoRA (r 16, all
-linear layers of the LM) and the projector learn from ``orchestrator.core.data`` samples, loss on
+linear layers of the LM) and the projector learn from ``training.core_data`` samples, loss on
 the assistant answer only. Checkpoints (the small parts + optimizer state) are written every
 ``--save-every`` steps into ``--out``, so a run stopped early still leaves a usable core, and
 ``--resume`` continues from there.
@@ -36,7 +36,7 @@ COUNT_HEADS = None         # filled lazily: (colours, shapes, colour×shape) lab
 
 
 def _settings():
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings()
 
@@ -333,7 +333,7 @@ class _Images:
         self.cache: dict[int, Any] = {}
 
     def __call__(self, seed: int):
-        from orchestrator.core.data import scene_image
+        from training.core_data import scene_image
 
         im = self.cache.get(seed)
         if im is None:
@@ -364,7 +364,7 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     import torch
     from tqdm import tqdm
 
-    from orchestrator.core.data import Generator
+    from training.core_data import Generator
 
     _threads(threads)
     torch.manual_seed(seed)
@@ -770,7 +770,7 @@ def load_human_set(path: Path = HUMAN_SET) -> list[dict[str, Any]]:
 def human_samples(registry: Any = None) -> list[Any]:
     """The human-phrased held-out requests as Samples (each on a held-out scene), for the experts
     that are registered (or stood in for)."""
-    from orchestrator.core.data import SPLITS, Sample, data_registry, new_id, scene_seeds
+    from training.core_data import SPLITS, Sample, data_registry, new_id, scene_seeds
 
     assert "heldout" in SPLITS
     reg = data_registry(registry)
@@ -798,9 +798,9 @@ def human_samples(registry: Any = None) -> list[Any]:
 
 def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any) -> list[Any]:
     """A grammar processor allowing the artifact ids these conversations mention (one per batch)."""
-    from orchestrator.artifacts import ID_PATTERN
     from orchestrator.core.format import render
     from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+    from switchboard.artifacts import ID_PATTERN
 
     arts: dict[str, str] = {}
     for msgs, _ in convs:
@@ -823,7 +823,7 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     from tqdm import tqdm
 
     from orchestrator.commands import parse
-    from orchestrator.core.data import Generator, data_registry
+    from training.core_data import Generator, data_registry
 
     registry = data_registry()
     _GRAMMAR_TOKENIZER[:] = [core.tokenizer]

@@ -41,7 +41,7 @@ EXTRA_SCALES: dict[str, list[float]] = {"yolo11t": [0.50, 0.125, 1024]}
 
 
 def _settings():
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings()
 

@@ -91,9 +91,9 @@ def main_eval(argv: list[str] | None = None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from experts.base import RunContext
     from experts.edit import EditExpert
-    from orchestrator.artifacts import ArtifactStore
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.expert import RunContext
     from training.generator import Judge
 
     torch.set_num_threads(args.threads)

@@ -187,7 +187,7 @@ def evaluate_pipeline(pipe: Any, judge: Judge, *, n: int = 150, steps: int = 20,
 
 # -- training --------------------------------------------------------------------------------------
 def _settings():
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings()
 

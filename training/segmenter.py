@@ -302,11 +302,11 @@ def eval_text(seed: int, n: int, weights: Path | None, size: int = 256) -> dict[
     """mIoU of referring expressions segmented through the segment expert's ``target`` path (via detect)."""
     import tempfile
 
-    from experts.base import RunContext
-    from experts.registry import get_registry
     from experts.segment import SegmentExpert
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.settings import get_settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.expert import RunContext
+    from switchboard.registry import get_registry
+    from switchboard.settings import get_settings
     from training.shapes import make_scene, scene_seed
 
     registry = get_registry()
@@ -348,13 +348,13 @@ def eval_text(seed: int, n: int, weights: Path | None, size: int = 256) -> dict[
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def _default_out() -> Path:
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings().models_dir / "segmenter"
 
 
 def _default_work() -> Path:
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings().cache_dir / "segmenter-run"
 

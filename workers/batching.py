@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from experts.base import Expert, ExpertResult, RunContext
+from switchboard.expert import Expert, ExpertResult, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Batcher:
 @contextmanager
 def pinned(expert: Expert) -> Iterator[None]:
     """Keep the memory budget from unloading ``expert`` while a batch runs on it."""
-    from orchestrator.memory import get_budget
+    from switchboard.memory import get_budget
 
     with get_budget().pinned(expert):
         yield

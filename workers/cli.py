@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("switchboard worker: --concurrency must be at least 1", file=sys.stderr)
         return 2
 
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
     from workers.config import broker_url, redacted_url, worker_registry
     from workers.routing import queues_for
 

@@ -1,7 +1,7 @@
 """Celery configuration, the worker's registry, and the names the workers share with the orchestrator.
 
 The worker's app instance lives in ``workers.app``; the orchestrator's queued dispatcher builds its own
-(producer-only) app from the same configuration. Settings come from ``orchestrator.settings``
+(producer-only) app from the same configuration. Settings come from ``switchboard.settings``
 (``SWITCHBOARD_*``).
 
 What the configuration guarantees, and why:
@@ -28,7 +28,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from orchestrator.settings import Settings, get_settings
+from switchboard.settings import Settings, get_settings
 from workers import backend, transport
 from workers.routing import load_extra_experts, max_hard_limit, queue_for
 
@@ -73,7 +73,7 @@ def worker_registry(settings: Settings | None = None) -> Any:
 
     Registering a class that is already registered is a no-op, so calling this again is cheap.
     """
-    from experts.registry import get_registry
+    from switchboard.registry import get_registry
 
     s = settings or get_settings()
     reg = get_registry()

@@ -34,9 +34,9 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallEvent, CallFailed, Dispatcher, EventSink
-from orchestrator.settings import Settings, get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.settings import Settings, get_settings
 from workers.config import (
     EVENT_FLUSH_INTERVAL_S,
     RESULT_KEY_PREFIX,

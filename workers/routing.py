@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experts.base import Expert
+from switchboard.expert import Expert
 
 # Added to the soft limit to get the hard one: the expert gets SoftTimeLimitExceeded first and a
 # chance to clean up; past the hard limit the worker kills the process running it.
@@ -57,7 +57,7 @@ def max_hard_limit(registry: Any, call_timeout_s: float) -> float:
 
 
 # Kept here for workers' callers; the registry itself loads SWITCHBOARD_EXTRA_EXPERTS now.
-from experts.registry import load_extra_experts, parse_extra_experts  # noqa: E402
+from switchboard.registry import load_extra_experts, parse_extra_experts  # noqa: E402
 
 __all__ = ["load_extra_experts", "parse_extra_experts", "max_hard_limit", "orchestrator_deadline", "queue_for",
            "queues_for", "time_limits"]

@@ -36,9 +36,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallFailed, execute_call
-from orchestrator.settings import get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.settings import get_settings
 from workers.app import app
 from workers.batching import BatchingRegistry, batching_applies, process_batchers
 from workers.config import (

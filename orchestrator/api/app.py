@@ -14,16 +14,16 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import orchestrator
+import switchboard
 from orchestrator.api.metrics import Metrics
 from orchestrator.api.middleware import ApiKeyAuth, BodySizeLimit, RequestMetrics
 from orchestrator.api.protocol import error_body
 from orchestrator.api.router import STATIC_DIR, api, ops, page
 from orchestrator.api.serving import AssistantProvider, ServingChat
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.errors import SwitchboardError
 from orchestrator.session import ConversationStore
-from orchestrator.settings import Settings, get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.errors import SwitchboardError
+from switchboard.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,13 @@ def create_app(settings: Settings | None = None, *, assistant: Any = None, prelo
     if assistant is not None:
         registry, store, conversations = assistant.registry, assistant.store, assistant.conversations
     else:
-        from experts.registry import get_registry
+        from switchboard.registry import get_registry
 
         registry = get_registry()
         store, conversations = ArtifactStore.from_settings(s), ConversationStore.from_settings(s)
 
     def build() -> Any:
-        from orchestrator.core.loop import build_assistant
+        from orchestrator.runtime import build_assistant
 
         return build_assistant(s, registry=registry)
 
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, *, assistant: Any = None, prelo
         yield
         provider.close()
 
-    app = FastAPI(title="Switchboard", version=orchestrator.__version__, lifespan=lifespan,
+    app = FastAPI(title="Switchboard", version=switchboard.__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat with a tool-routing multimodal assistant.",
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs UIs need a CDN
     app.state.settings = s

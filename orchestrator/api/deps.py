@@ -10,7 +10,7 @@ from fastapi.security import HTTPBearer
 from orchestrator.api.metrics import Metrics
 from orchestrator.api.protocol import CONVERSATION_HEADER
 from orchestrator.api.serving import ServingChat
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
 
 # Keys are checked for every request by ApiKeyAuth (orchestrator.api.middleware), before the body is
 # read; this scheme only documents the Bearer key in the OpenAPI schema.

@@ -50,11 +50,11 @@ from orchestrator.api.protocol import (
     UserMessage,
     error_body,
 )
-from orchestrator.artifacts import IMAGE_KINDS, ArtifactMeta, ArtifactStore, is_artifact_id
 from orchestrator.core import loop
 from orchestrator.dispatch import CallEvent
-from orchestrator.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, SwitchboardError
 from orchestrator.session import Conversation, ConversationStore
+from switchboard.artifacts import IMAGE_KINDS, ArtifactMeta, ArtifactStore, is_artifact_id
+from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, SwitchboardError
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.commands import parse, validate
 from orchestrator.core.format import tool_turn
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
 from orchestrator.dispatch import CallEvent, Dispatcher
 from orchestrator.plan import Plan
 from orchestrator.session import Conversation, ConversationStore
+from switchboard.artifacts import ArtifactStore
 
 
 @dataclass
@@ -200,20 +200,3 @@ class Assistant:
                 raise item
             yield item
 
-
-def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = None) -> Assistant:
-    """The assistant the settings describe: the shipped core (or ``SWITCHBOARD_CORE_MODEL``), every
-    registered expert, the artifact store, and the in-process or Celery dispatcher."""
-    from experts.registry import get_registry
-    from orchestrator.dispatch import make_dispatcher
-    from orchestrator.settings import get_settings
-
-    s = settings or get_settings()
-    registry = registry or get_registry()
-    store = ArtifactStore.from_settings(s)
-    if core is None:
-        from orchestrator.core.model import CoreModel
-
-        core = CoreModel.load(s.core_model)
-    return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
-                     max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)

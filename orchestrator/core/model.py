@@ -54,7 +54,7 @@ def _offline() -> None:
 
 
 def _settings():
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     return get_settings()
 

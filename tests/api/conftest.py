@@ -21,13 +21,13 @@ import pytest
 from PIL import Image
 
 from experts.crop import CropExpert
-from experts.registry import Registry
 from orchestrator.api.app import create_app
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.core.loop import Assistant
 from orchestrator.dispatch import LocalDispatcher
 from orchestrator.session import ConversationStore
-from orchestrator.settings import Settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.registry import Registry
+from switchboard.settings import Settings
 from tests.orchestrator.core.test_loop import ScriptedCore
 
 API_KEY = "sk-test-switchboard"

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from experts.crop import CropExpert
-from experts.registry import Registry
 from orchestrator.api.app import create_app
 from orchestrator.api.protocol import MODEL_ID
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.core.loop import Assistant
 from orchestrator.session import ConversationStore
+from switchboard.artifacts import ArtifactStore
+from switchboard.registry import Registry
 from tests.api.conftest import API_KEY, LiveServer, image_message, make_settings, script
 from tests.orchestrator.core.test_loop import ScriptedCore
 

@@ -237,12 +237,12 @@ def test_metrics(http) -> None:
 
 def test_assistant_that_cannot_start(tmp_path: Path, monkeypatch) -> None:
     """Without an injected assistant the real one is built on first use; a failure is a clear 503."""
-    import orchestrator.core.loop as loop
+    import orchestrator.runtime as runtime
 
     def broken(*a, **k):
         raise FileNotFoundError("models/core/config.json")
 
-    monkeypatch.setattr(loop, "build_assistant", broken)
+    monkeypatch.setattr(runtime, "build_assistant", broken)
     s = make_settings(tmp_path)
     with LiveServer(create_app(s)) as live, \
             httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:

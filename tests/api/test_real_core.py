@@ -10,7 +10,7 @@ from PIL import Image
 
 from orchestrator.api.app import create_app
 from orchestrator.api.protocol import MODEL_ID
-from orchestrator.settings import REPO_ROOT, Settings
+from switchboard.settings import REPO_ROOT, Settings
 from tests.api.conftest import API_KEY, LiveServer, image_message
 
 # The shipped core, or the one SWITCHBOARD_CORE_MODEL names (e.g. a `switchboard train core --tiny` run).

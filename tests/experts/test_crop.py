@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from PIL import Image
 
-from experts.base import RunContext
 from experts.crop import CropExpert
-from experts.testing import ExpertContract
-from orchestrator.artifacts import ArtifactStore
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.testing import ExpertContract
 
 
 def _image(store: ArtifactStore) -> str:

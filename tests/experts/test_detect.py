@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.base import RunContext
 from experts.detect import DetectExpert, DetectorWeightsMissing, QueryMatcher, minilm_encoder, read_colour
-from experts.testing import ExpertContract
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.settings import get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.settings import get_settings
+from switchboard.testing import ExpertContract
 from training.shapes import COLOURS, SHAPES, Scene, make_scene, scene_seed
 
 TEST_DATASET_SEED = 4242  # never a training seed

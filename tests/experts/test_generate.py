@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from experts.base import RunContext
 from experts.generate import GenerateArgs, GenerateExpert, GeneratorWeightsMissing
-from experts.testing import ExpertContract
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.settings import get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.settings import get_settings
+from switchboard.testing import ExpertContract
 
 from .diffusers_fixtures import build_tiny_sd
 

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from experts.base import Expert, ExpertResult, ImageRef, RunContext
-from experts.registry import Registry
 from experts.segment import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -22,10 +20,12 @@ from experts.segment import (
     parse_target,
     refine_mask,
 )
-from experts.testing import ExpertContract
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallFailed, execute_call
-from orchestrator.settings import get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import Expert, ExpertResult, ImageRef, RunContext
+from switchboard.registry import Registry
+from switchboard.settings import get_settings
+from switchboard.testing import ExpertContract
 from training.shapes import make_scene
 
 pytestmark = pytest.mark.usefixtures("no_network")
@@ -183,7 +183,7 @@ class OracleDetect(Expert):
 
 @pytest.fixture
 def oracle_registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
-    import experts.registry as registry_module
+    import switchboard.registry as registry_module
 
     reg = Registry()
     reg.register(SegmentExpert, "test")
@@ -256,7 +256,7 @@ def test_unresolvable_target_is_an_empty_result(shipped: SegmentExpert, store: A
 
 def test_real_detect_grounds_the_red_circle(shipped: SegmentExpert, store: ArtifactStore,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import experts.registry as registry_module
+    import switchboard.registry as registry_module
 
     detect_module = pytest.importorskip("experts.detect")
     if not (get_settings().models_dir / "detector" / "best.pt").exists():

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from experts.base import RunContext
 from experts.segment import WEIGHTS_FILE, SegmentArgs, SegmentExpert
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.settings import get_settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.settings import get_settings
 from training.shapes import make_scene
 
 pytestmark = pytest.mark.usefixtures("no_network")

@@ -9,8 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from experts.base import BoxesRef, Example, Expert, ExpertResult, ImageRef, MaskRef
-from experts.registry import Registry
 from orchestrator.commands import (
     Call,
     call_to_tool_call,
@@ -22,6 +20,8 @@ from orchestrator.commands import (
     unescape,
     validate,
 )
+from switchboard.expert import BoxesRef, Example, Expert, ExpertResult, ImageRef, MaskRef
+from switchboard.registry import Registry
 
 IMG = "image-" + "a" * 24
 IMG2 = "image-" + "b" * 24

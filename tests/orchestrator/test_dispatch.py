@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel
 
-from experts.base import Example, Expert, ExpertResult, ImageRef, RunContext
 from experts.crop import CropExpert
-from experts.registry import Registry
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallEvent, LocalDispatcher
 from orchestrator.plan import Plan
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef, RunContext
+from switchboard.registry import Registry
 
 
 class SleepArgs(BaseModel):

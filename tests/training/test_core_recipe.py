@@ -116,7 +116,7 @@ def test_faithful():
 
 def test_human_set_is_valid_and_balanced():
     from orchestrator.commands import Call, validate
-    from orchestrator.core.data import data_registry
+    from training.core_data import data_registry
 
     rows = recipe.load_human_set()
     assert len(rows) >= 60
@@ -299,7 +299,7 @@ def test_grounding_metrics():
 
 
 def test_describe_samples_ask_about_the_attached_image():
-    from orchestrator.core.data import Generator
+    from training.core_data import Generator
 
     for s in Generator(split="heldout", seed=3, n_scenes=16).generate(12, "describe"):
         assert s.kind == "none" and s.source == "describe" and not s.calls and len(s.images) == 1

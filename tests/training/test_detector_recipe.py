@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.settings import get_settings
+from switchboard.settings import get_settings
 from training import detector
 
 

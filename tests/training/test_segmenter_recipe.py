@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.base import RunContext
 from experts.segment import CONFIG_FILE, WEIGHTS_FILE, SegmentExpert, load_small_sam
-from orchestrator.artifacts import ArtifactStore
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
 from training import segmenter
 from training.shapes import make_scene
 

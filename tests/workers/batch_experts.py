@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from experts.base import Expert, ExpertResult, RunContext
+from switchboard.expert import Expert, ExpertResult, RunContext
 
 
 class EchoArgs(BaseModel):

@@ -73,7 +73,7 @@ def start_worker(env: dict[str, str], tmp_path: Path, redis_db: Any) -> Iterator
 
 @pytest.fixture
 def test_registry() -> Any:
-    from experts.registry import Registry
+    from switchboard.registry import Registry
 
     reg = Registry()
     for cls in sample_experts.ALL:
@@ -83,8 +83,8 @@ def test_registry() -> Any:
 
 @pytest.fixture
 def dispatcher(redis_server: RedisServer, redis_db: Any, artifact_dir: Path, test_registry: Any) -> Iterator[Any]:
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.settings import Settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.settings import Settings
     from workers.dispatch import QueuedDispatcher
 
     settings = Settings(broker_url=redis_server.url, artifact_dir=artifact_dir, call_timeout_s=10,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from experts.base import BoxesRef, Expert, ExpertResult, RunContext
+from switchboard.expert import BoxesRef, Expert, ExpertResult, RunContext
 
 
 def _append(path: str, line: str) -> None:

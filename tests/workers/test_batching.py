@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from experts.base import RunContext
-from experts.registry import Registry
-from orchestrator.artifacts import ArtifactStore
 from orchestrator.dispatch import CallFailed, execute_call
-from orchestrator.settings import Settings
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.registry import Registry
+from switchboard.settings import Settings
 from tests.workers.batch_experts import EchoArgs, EchoExpert
 from workers.batching import Batcher, BatchingRegistry, ExpertBatchers, batching_applies
 
@@ -156,7 +156,7 @@ def test_batching_applies_only_off_the_main_thread() -> None:
 
 
 def test_cli_batch_flags_pick_a_threads_pool(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
     from workers import cli
     from workers.app import app
 

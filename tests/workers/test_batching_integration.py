@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def registry() -> Any:
-    from experts.registry import Registry
+    from switchboard.registry import Registry
 
     reg = Registry()
     reg.register(batch_experts.EchoExpert, "tests")
@@ -27,8 +27,8 @@ def registry() -> Any:
 
 @pytest.fixture
 def queued(redis_server: RedisServer, redis_db: Any, artifact_dir: Path, registry: Any) -> Iterator[Any]:
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.settings import Settings
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.settings import Settings
     from workers.dispatch import QueuedDispatcher
 
     settings = Settings(broker_url=redis_server.url, artifact_dir=artifact_dir, call_timeout_s=30,

@@ -10,9 +10,9 @@ from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 from pydantic import BaseModel
 
-from experts.base import Expert, ExpertResult
-from experts.registry import Registry
-from orchestrator.settings import Settings
+from switchboard.expert import Expert, ExpertResult
+from switchboard.registry import Registry
+from switchboard.settings import Settings
 from tests.workers import sample_experts
 from workers import cli, routing
 from workers.config import (
@@ -135,7 +135,7 @@ def test_transient_errors_are_retried_bugs_are_not() -> None:
 
 
 def test_queued_dispatcher_failure_messages(settings: Settings, reg: Registry, tmp_path: Any) -> None:
-    from orchestrator.artifacts import ArtifactStore
+    from switchboard.artifacts import ArtifactStore
     from workers.dispatch import QueuedDispatcher
 
     d = QueuedDispatcher(reg, ArtifactStore(tmp_path / "a"), settings=settings, app=create_app(settings, reg,
@@ -162,7 +162,7 @@ def test_cli_refuses_unknown_experts(capsys: pytest.CaptureFixture[str], monkeyp
 
 
 def test_cli_starts_celery_on_the_experts_queues(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
     from workers.app import app
 
     monkeypatch.setenv("SWITCHBOARD_EXTRA_EXPERTS", sample_experts.SPEC)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, Field
 
-from experts.base import BoxesRef, Example, Expert, ExpertResult, ImageRef, MaskRef
 from experts.crop import CropExpert
-from experts.registry import Registry
 from orchestrator.commands import parse, validate
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+from switchboard.expert import BoxesRef, Example, Expert, ExpertResult, ImageRef, MaskRef
+from switchboard.registry import Registry
 
 IMG = "image-" + "a" * 24
 IMG2 = "image-" + "b" * 24

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from experts.crop import CropExpert
-from experts.registry import Registry
 from orchestrator.core.format import render
 from orchestrator.core.loop import Assistant, ChatResult, StageEvent, TextEvent
 from orchestrator.dispatch import CallEvent, LocalDispatcher
 from orchestrator.session import ConversationNotFound, ConversationStore
+from switchboard.registry import Registry
 from tests.orchestrator.core.test_grammar import CharTokenizer
 
 

@@ -114,10 +114,10 @@ def test_the_loop_hands_one_cache_to_both_passes_unless_turned_off(store, tmp_pa
     from PIL import Image
 
     from experts.crop import CropExpert
-    from experts.registry import Registry
     from orchestrator.core.loop import Assistant
     from orchestrator.dispatch import LocalDispatcher
     from orchestrator.session import ConversationStore
+    from switchboard.registry import Registry
     from tests.orchestrator.core.test_loop import ScriptedCore
 
     reg = Registry()
@@ -159,8 +159,8 @@ def test_shipped_core_fuses_the_same_with_and_without_the_plan_cache(images) -> 
     shipped = REPO / "models" / "core"
     if not (shipped / "adapter").exists():
         pytest.skip("no shipped core")
-    from experts.registry import get_registry
     from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+    from switchboard.registry import get_registry
 
     core = cm.CoreModel.load(shipped)
     registry = get_registry()

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 from switchboard_ocr import OcrArgs, OcrExpert, OcrResult
 from switchboard_ocr.expert import OcrLine, merge_into_lines, summarize
 
-import experts
-from experts.base import RunContext
-from experts.testing import ExpertContract
-from orchestrator.artifacts import ArtifactStore
+import switchboard
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import RunContext
+from switchboard.testing import ExpertContract
 
 WORDS = ["HELLO WORLD", "OPEN 24 HOURS"]
-FONT = Path(experts.__file__).resolve().parent / "assets" / "DejaVuSans.ttf"
+FONT = Path(switchboard.__file__).resolve().parent.parent / "experts" / "assets" / "DejaVuSans.ttf"
 
 
 def render_text(lines: list[str], size: tuple[int, int] = (480, 200), font_size: int = 48) -> Image.Image:

@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from orchestrator.errors import ExpertDefinitionError
-from orchestrator.memory import get_budget
+from switchboard.errors import ExpertDefinitionError
+from switchboard.memory import get_budget
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from orchestrator.artifacts import ArtifactMeta, ArtifactStore
-    from orchestrator.settings import Settings
+    from switchboard.artifacts import ArtifactMeta, ArtifactStore
+    from switchboard.settings import Settings
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 ARTIFACT_KEY = "x-artifact"
@@ -137,7 +137,7 @@ class RunContext:
 
     def __init__(self, store: ArtifactStore, *, call_id: str = "c0", conversation_id: str | None = None,
                  progress: ProgressFn | None = None, settings: Settings | None = None) -> None:
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         self.store = store
         self.call_id = call_id
@@ -236,14 +236,14 @@ class Expert:
                 fail(f"argument name {fname!r} is reserved or not a plain lowercase identifier")
         result = getattr(cls, "Result", None)
         if not (isinstance(result, type) and issubclass(result, ExpertResult)):
-            fail("`Result` must be a subclass of experts.base.ExpertResult")
+            fail("`Result` must be a subclass of switchboard.expert.ExpertResult")
         queue = cls.queue
         if queue is not None and (not isinstance(queue, str) or not NAME_PATTERN.match(queue)):
             fail(f"`queue` must be a plain lowercase identifier, got {queue!r}")
         if cls.time_limit is not None and not (isinstance(cls.time_limit, int | float) and cls.time_limit > 0):
             fail(f"`time_limit` must be a positive number of seconds, got {cls.time_limit!r}")
         if not isinstance(cls.examples, list) or not all(isinstance(e, Example) for e in cls.examples):
-            fail("`examples` must be a list of experts.base.Example")
+            fail("`examples` must be a list of switchboard.expert.Example")
         for i, ex in enumerate(cls.examples):
             fields = {f for _, f, _, _ in string.Formatter().parse(ex.request) if f}
             unknown = fields - EXAMPLE_SLOTS.keys()
@@ -288,7 +288,7 @@ class Expert:
         """Run ``setup()`` once per instance (thread-safe), within the process's memory budget.
 
         Every call passes here first, so it also marks the expert as used for the budget's LRU order
-        (``orchestrator.memory``).
+        (``switchboard.memory``).
         """
         budget = get_budget()
         if self._setup_done:

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         default="", description="Comma-separated module:Class experts to register besides the entry points "
         "(development and tests; plugins use the switchboard.experts entry-point group).")
 
-    # Worker batching and memory (workers.batching, orchestrator.memory)
+    # Worker batching and memory (workers.batching, switchboard.memory)
     batch_max_size: int = Field(
         default=1, ge=1, le=256, description="Calls of one expert a worker runs through run_batch at once; "
         "1 = no batching. `switchboard worker --batch-max N` sets it and uses a threads pool.")

@@ -157,7 +157,7 @@ class MemoryBudget:
     def footprint(self, name: str) -> int | None:
         return self._known.get(name)
 
-    # -- hooks (experts.base.Expert) --------------------------------------------------------------
+    # -- hooks (switchboard.expert.Expert) --------------------------------------------------------------
     @contextmanager
     def loading(self, expert: Any) -> Iterator[None]:
         """Wrap an expert's ``setup()``: make room for its known size first, then record what it took."""
@@ -269,7 +269,7 @@ def get_budget() -> MemoryBudget:
     if _budget is None:
         with _budget_lock:
             if _budget is None:
-                from orchestrator.settings import get_settings
+                from switchboard.settings import get_settings
 
                 mb = getattr(get_settings(), "expert_memory_budget_mb", None)
                 _budget = MemoryBudget(int(mb * MB) if mb else None)

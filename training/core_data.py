@@ -46,7 +46,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from experts.base import (
+from orchestrator.commands import Call, format_call, format_value
+from orchestrator.core.format import tool_turn
+from switchboard.expert import (
     EXAMPLE_SLOTS,
     BoxesRef,
     Example,
@@ -56,8 +58,6 @@ from experts.base import (
     artifact_fields,
     compose,
 )
-from orchestrator.commands import Call, format_call, format_value
-from orchestrator.core.format import tool_turn
 
 SPLITS = ("train", "heldout")
 TRAIN_SCENE_SEED = 41_000
@@ -158,7 +158,7 @@ def planned_experts() -> dict[str, type[Expert]]:
 def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
     """The registry the data (and the eval) is generated from: the given/process registry plus
     stand-ins for planned experts that are not registered (``planned=False`` leaves them out)."""
-    from experts.registry import Registry, get_registry
+    from switchboard.registry import Registry, get_registry
 
     base = registry if registry is not None else get_registry()
     reg = Registry()

@@ -1,4 +1,4 @@
-"""The expert memory budget (orchestrator.memory): footprints, LRU eviction order, reloads that still
+"""The expert memory budget (switchboard.memory): footprints, LRU eviction order, reloads that still
 answer correctly, and experts in use that are never unloaded."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from experts.base import Expert, ExpertResult, RunContext
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.memory import MemoryBudget, get_budget, module_bytes, set_budget, torch_modules
+from switchboard.artifacts import ArtifactStore
+from switchboard.expert import Expert, ExpertResult, RunContext
+from switchboard.memory import MemoryBudget, get_budget, module_bytes, set_budget, torch_modules
 
 torch = pytest.importorskip("torch")
 
@@ -172,7 +172,7 @@ def test_no_budget_tracks_but_never_unloads(ctx: RunContext) -> None:
 
 
 def test_budget_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     monkeypatch.setenv("SWITCHBOARD_EXPERT_MEMORY_BUDGET_MB", "1.5")
     get_settings.cache_clear()

@@ -7,15 +7,14 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 # Subcommands implemented in other packages: name -> (module, function, help). Each takes argv.
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "shapes": ("training.shapes", "main", "write a shapes-world dataset (images, COCO annotations, refs)"),
     "worker": ("workers.cli", "main", "start a Celery worker for some experts' queues"),
-    "serve": ("orchestrator.api.cli", "main", "serve the OpenAI-compatible API and the web chat page"),
-    "plan": ("orchestrator.core.cli", "plan_main", "the core's reply and parsed calls, not executed"),
-    "chat": ("orchestrator.core.cli", "chat_main", "chat with the core: plan, run the calls, answer"),
+    "serve": ("orchestrator.cli.serve", "main", "serve the OpenAI-compatible API and the web chat page"),
+    "plan": ("orchestrator.cli.chat", "plan_main", "the core's reply and parsed calls, not executed"),
+    "chat": ("orchestrator.cli.chat", "chat_main", "chat with the core: plan, run the calls, answer"),
 }
 # `switchboard train X` / `switchboard eval X` -> training.X.main_train / main_eval
 RECIPES = ("detector", "segmenter", "generator", "editor", "core")
@@ -38,7 +37,7 @@ def _delegate(module: str, func: str, argv: list[str]) -> int:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from experts.registry import get_registry
+    from switchboard.registry import get_registry
 
     items = get_registry().describe()
     if args.json:
@@ -54,84 +53,22 @@ def cmd_experts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_event(ev: Any) -> None:
-    extra = f" {ev.progress:.0%}" if ev.stage == "progress" and ev.progress is not None else ""
-    msg = f" — {ev.message}" if ev.message else ""
-    print(f"  [{ev.call_id}] {ev.expert}: {ev.stage}{extra}{msg}", flush=True)
-
-
-def run_commands(text: str, images: list[Path], *, as_json: bool, out: Path | None,
-                 conversation_id: str | None = None) -> int:
-    """Validate and execute the commands in ``text``; ``{image}``/``{image2}``… stand for ``--image`` files."""
-    from experts.registry import get_registry
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.dispatch import make_dispatcher
-    from orchestrator.errors import SwitchboardError
-    from orchestrator.plan import Plan
-    from orchestrator.settings import get_settings
-
-    settings = get_settings()
-    store = ArtifactStore.from_settings(settings)
-    registry = get_registry()
-    slots: dict[str, str] = {}
-    for i, path in enumerate(images):
-        try:
-            meta = store.import_image(Path(path).read_bytes(), conversation_id=conversation_id)
-        except (OSError, SwitchboardError) as e:
-            print(f"switchboard: cannot use {path}: {e}", file=sys.stderr)
-            return 2
-        slots["image" if i == 0 else f"image{i + 1}"] = meta.id
-    for key, value in slots.items():
-        text = text.replace("{" + key + "}", value)
-    plan = Plan.from_text(text, registry, artifact_exists=store.exists, max_calls=settings.max_calls_per_reply)
-    for err in plan.errors:
-        print(f"  error: {err}", file=sys.stderr)
-    dispatcher = make_dispatcher(registry, store, settings)
-    try:
-        result = dispatcher.run_plan(plan, conversation_id=conversation_id,
-                                     on_event=None if as_json else _print_event)
-    finally:
-        dispatcher.close()
-    artifacts = []
-    for a in result.artifacts():
-        path = store.path(a["id"])
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            ext = {"image/png": ".png", "application/json": ".json"}.get(store.get(a["id"]).media_type, ".bin")
-            target = out / f"{a['call_id']}-{a['role'].replace(' ', '_') or a['kind']}{ext}"
-            target.write_bytes(path.read_bytes())
-            path = target
-        artifacts.append({**a, "path": str(path)})
-    if as_json:
-        print(json.dumps({
-            "inputs": slots,
-            "calls": [o.to_dict() for o in result.outcomes],
-            "errors": [e.to_dict() for e in plan.errors],
-            "artifacts": artifacts,
-        }, indent=2))
-    else:
-        for o in result.outcomes:
-            line = (o.result or {}).get("summary") if o.status == "done" else o.error
-            print(f"{o.call_id} {o.expert:<8} {o.status:<7} {o.seconds * 1000:7.0f} ms  {line}")
-        for a in artifacts:
-            print(f"  artifact {a['id']} ({a['role']}) from {a['call_id']}: {a['path']}")
-    return 0 if result.ok and not plan.errors else 1
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
+    from orchestrator.cli.run import run_commands
+
     return run_commands(text, args.image or [], as_json=args.json, out=args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import main as demo_main
+    from orchestrator.cli.demo import main as demo_main
 
     return demo_main(out=args.out, scripted=args.scripted)
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
-    from orchestrator.artifacts import ArtifactStore
-    from orchestrator.errors import SwitchboardError
+    from switchboard.artifacts import ArtifactStore
+    from switchboard.errors import SwitchboardError
 
     store = ArtifactStore.from_settings()
     if args.id:
@@ -196,6 +133,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return int(args.func(args))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

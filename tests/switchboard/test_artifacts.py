@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from orchestrator.artifacts import ArtifactStore, is_artifact_id
-from orchestrator.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, InvalidArtifactId
+from switchboard.artifacts import ArtifactStore, is_artifact_id
+from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, InvalidArtifactId
 
 
 def _png(w: int = 8, h: int = 6, colour=(255, 0, 0)) -> bytes:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from experts.base import Example, Expert, ExpertResult, ImageRef
-from experts.registry import Registry, get_registry
-from orchestrator.errors import DuplicateExpert, ExpertDefinitionError, UnknownExpert
+from switchboard.errors import DuplicateExpert, ExpertDefinitionError, UnknownExpert
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef
+from switchboard.registry import Registry, get_registry
 
 
 class A(BaseModel):

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 from pydantic import BaseModel
 
-from experts.base import Example, Expert, ExpertResult, ImageRef
-from experts.registry import Registry
 from orchestrator.commands import parse, validate
-from orchestrator.core import data as D
 from orchestrator.core.format import render
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef
+from switchboard.registry import Registry
+from training import core_data as D
 
 N_SCENES = 6  # scenes are the slow part; a handful is enough to exercise every path
 

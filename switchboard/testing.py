@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import ValidationError
 
-from experts.base import Expert, ExpertResult, RunContext, artifact_fields
-from experts.registry import Registry
-from orchestrator.artifacts import ArtifactStore, is_artifact_id
+from switchboard.artifacts import ArtifactStore, is_artifact_id
+from switchboard.expert import Expert, ExpertResult, RunContext, artifact_fields
+from switchboard.registry import Registry
 
 
 class ExpertContract:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import SwitchboardError
+from switchboard.errors import SwitchboardError
 
 
 def _import_image(store: Any, path: Path, conversation_id: str | None = None) -> str:
@@ -27,7 +27,7 @@ def plan_main(argv: list[str]) -> int:
         p.error("give a MESSAGE or --jsonl FILE")
 
     from orchestrator.commands import parse, validate
-    from orchestrator.core.loop import build_assistant
+    from orchestrator.runtime import build_assistant
     from orchestrator.session import Conversation
 
     assistant = build_assistant()
@@ -88,8 +88,9 @@ def chat_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="copy the artifacts made into this folder")
     args = p.parse_args(argv)
 
-    from orchestrator.core.loop import ChatResult, StageEvent, TextEvent, build_assistant
+    from orchestrator.core.loop import ChatResult, StageEvent, TextEvent
     from orchestrator.dispatch import CallEvent
+    from orchestrator.runtime import build_assistant
 
     assistant = build_assistant()
     store = assistant.store

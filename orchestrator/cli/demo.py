@@ -11,7 +11,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
-from orchestrator.cli import run_commands
+from orchestrator.cli.run import run_commands
 
 TURNS = ("find the red circle", "now segment it")
 
@@ -41,8 +41,9 @@ def scripted_plan(names: list[str]) -> tuple[str, str]:
 
 def conversation(out: Path) -> int:
     """Two turns with the shipped core on the bundled image, every stage printed as it happens."""
-    from orchestrator.core.loop import ChatResult, StageEvent, build_assistant
+    from orchestrator.core.loop import ChatResult, StageEvent
     from orchestrator.dispatch import CallEvent
+    from orchestrator.runtime import build_assistant
 
     print("Loading the core (SmolLM2-135M + vision tower + LoRA; the first run converts the base model)…",
           flush=True)
@@ -77,8 +78,8 @@ def conversation(out: Path) -> int:
 
 
 def main(out: Path = Path("demo-out"), scripted: bool = False) -> int:
-    from experts.registry import get_registry
-    from orchestrator.settings import get_settings
+    from switchboard.registry import get_registry
+    from switchboard.settings import get_settings
 
     names = get_registry().names()
     image = bundled_image()

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.settings import get_settings
+    from switchboard.settings import get_settings
 
     settings = get_settings()
     if not settings.api_keys and not _is_loopback(args.host) and not args.no_auth:

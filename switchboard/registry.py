@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from experts.base import Expert
-from orchestrator.errors import DuplicateExpert, UnknownExpert
+from switchboard.errors import DuplicateExpert, UnknownExpert
+from switchboard.expert import Expert
 
 GROUP = "switchboard.experts"
 
@@ -156,7 +156,7 @@ def get_registry() -> Registry:
     global _registry
     with _registry_lock:
         if _registry is None:
-            from orchestrator.settings import get_settings
+            from switchboard.settings import get_settings
 
             reg = Registry()
             reg.load_entry_points()

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, InvalidArtifactId
+from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, InvalidArtifactId
 
 KINDS = ("image", "overlay", "mask", "boxes", "text", "json")
 ID_PATTERN = re.compile(r"^(?P<kind>image|overlay|mask|boxes|text|json)-(?P<hex>[0-9a-f]{24})$")
@@ -151,7 +151,7 @@ class ArtifactStore:
 
     @classmethod
     def from_settings(cls, settings=None) -> ArtifactStore:
-        from orchestrator.settings import get_settings
+        from switchboard.settings import get_settings
 
         s = settings or get_settings()
         return cls(s.artifact_dir, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels)

@@ -1,0 +1,47 @@
+"""The composition root: what the settings ask for, assembled in one place.
+
+``make_dispatcher`` is where in-process vs Celery is chosen (``SWITCHBOARD_BROKER_URL`` set or not);
+``build_assistant`` puts the core, the registry, the artifact store, the dispatcher and the
+conversation store together. The CLI and the API build their runtime through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.core.loop import Assistant
+from orchestrator.dispatch import Dispatcher, LocalDispatcher
+from orchestrator.session import ConversationStore
+from switchboard.artifacts import ArtifactStore
+
+
+def make_dispatcher(registry: Any = None, store: ArtifactStore | None = None, settings: Any = None) -> Dispatcher:
+    """The dispatcher the settings ask for: Celery when a broker URL is set, else in-process."""
+    from switchboard.registry import get_registry
+    from switchboard.settings import get_settings
+
+    s = settings or get_settings()
+    registry = registry or get_registry()
+    store = store or ArtifactStore.from_settings(s)
+    if s.broker_url:
+        from workers.dispatch import QueuedDispatcher
+
+        return QueuedDispatcher(registry, store, settings=s)
+    return LocalDispatcher(registry, store, max_workers=s.max_parallel_calls, default_timeout=s.call_timeout_s)
+
+
+def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = None) -> Assistant:
+    """The assistant the settings describe: the shipped core (or ``SWITCHBOARD_CORE_MODEL``), every
+    registered expert, the artifact store, and the in-process or Celery dispatcher."""
+    from switchboard.registry import get_registry
+    from switchboard.settings import get_settings
+
+    s = settings or get_settings()
+    registry = registry or get_registry()
+    store = ArtifactStore.from_settings(s)
+    if core is None:
+        from orchestrator.core.model import CoreModel
+
+        core = CoreModel.load(s.core_model)
+    return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
+                     max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)
