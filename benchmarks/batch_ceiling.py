@@ -122,7 +122,7 @@ def run(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             expert.ensure_setup()
 
             def calls(seed: int, cls: Any = cls, name: str = name) -> list[tuple[Any, RunContext]]:
-                return [(cls.Args.model_validate(x), RunContext(store, call_id=f"c{i}"))
+                return [(cls.Args.model_validate(x), RunContext(store, call_id=f"c{i}", registry=get_registry()))
                         for i, x in enumerate(make_inputs(name, store, seed, a.calls))]
 
             one = calls(900)

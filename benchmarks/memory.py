@@ -106,7 +106,7 @@ def child(budget_mb: float | None, rounds: int) -> dict[str, Any]:
                 loads_before = budget.loads.get(name, 0)
                 t0 = time.perf_counter()
                 try:
-                    inst(args, RunContext(store))
+                    inst(args, RunContext(store, registry=reg))
                 except Exception as e:  # a model that is missing here: reported, not fatal
                     out["skipped"][name] = f"{type(e).__name__}: {e}"[:200]
                     experts.remove((name, args))

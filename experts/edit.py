@@ -28,7 +28,16 @@ from pydantic import BaseModel, Field
 
 from experts.generate import GeneratorWeightsMissing, load_diffusers, model_path, torch_device
 from switchboard.errors import SwitchboardError
-from switchboard.expert import Example, Expert, ExpertResult, ImageRef, MaskRef, RunContext
+from switchboard.expert import (
+    Example,
+    Expert,
+    ExpertResult,
+    ImageRef,
+    MaskRef,
+    RunContext,
+    SimulatedScene,
+    Simulation,
+)
 
 # the masked region's bounding box covers this fraction of the crop's side: objects in the
 # generator's training images span 0.54-0.76 of the frame, so a new object comes out at about
@@ -134,6 +143,13 @@ class EditExpert(Expert):
         Example(request="replace it with a {colour} {shape}",
                 args={"image": "{image}", "mask": _EXAMPLE_MASK, "instruction": "replace it with a {colour} {shape}"}),
     ]
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """The edited image."""
+        instruction = args.get("instruction", "")
+        return Simulation(summary=f"edited the masked region: {instruction}", artifacts=[("image", "edited")],
+                          answer=f"Done: I edited the image ({instruction}).")
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from switchboard.errors import SwitchboardError
-from switchboard.expert import Example, Expert, ExpertResult, RunContext
+from switchboard.expert import Example, Expert, ExpertResult, RunContext, SimulatedScene, Simulation, compose
 
 EMBEDDED_OUTPUT_SIZE = 128
 
@@ -79,6 +79,24 @@ class GenerateExpert(Expert):
         Example(request="sketch {prompt}", args={"prompt": "{prompt}"}),
         Example(request="produce an image: {prompt}", args={"prompt": "{prompt}"}),
     ]
+    verbs = ["draw", "generate", "make", "create", "paint", "render", "produce", "sketch",
+             "illustrate", "design", "dream up", "come up with", "whip up", "craft",
+             "put together"]
+    train_verbs = [
+        *compose(["make", "create", "produce", "give me", "show me", "I want", "I'd like", "render"],
+                 ["a picture of", "an image of", "a drawing of", "an illustration of", "some art of",
+                  "a new image of", "a fresh picture of", "a synthetic image of", "artwork of"]),
+        "generate me", "draw up", "conjure", "imagine", "visualise", "visualize", "depict", "picture",
+        "compose", "doodle", "mock up", "synthesise", "cook up", "draw me", "make me", "create me",
+        "output", "build", "invent", "fabricate",
+    ]
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """One generated image of the prompt."""
+        size, prompt = args.get("size", "64"), args.get("prompt", "")
+        return Simulation(summary=f"generated a {size}x{size} image of '{prompt}'", artifacts=[("image", "generated")],
+                          answer=f"Here is the image I made: {prompt}.", facts=[prompt.split()[-1]] if prompt else [])
 
     def __init__(self) -> None:
         super().__init__()

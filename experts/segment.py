@@ -10,12 +10,13 @@ Prompts (exactly one kind per call):
 - ``boxes``: a boxes artifact (usually ``$c1`` from a detect call); one object per box.
 - ``points``: ``[[x, y], ...]`` on the 0-1000 scale with optional ``labels`` (1 = on the object,
   0 = not on it). All points describe ONE object, as in SAM.
-- ``target``: text. It is grounded through the ``detect`` expert, called in-process from here
-  (``get_registry().instance("detect")``): a worker serving ``segment`` loads the small detector too,
-  so queued and in-process dispatch behave identically and no call waits on another queue. Every
-  detection is segmented, its colour is read from the pixels under its mask, and the expression's
-  constraints pick one object: colour, noun (the detector's label or shape), and one of
-  largest/smallest (mask area) or left/right/top/bottom (box centre).
+- ``target``: text. It is grounded through the ``detect`` expert, called with ``ctx.call("detect", …)``:
+  whoever runs this call (``orchestrator.dispatch.execute_call``) runs detect in the same process,
+  under the same conversation, so a worker serving ``segment`` loads the small detector too and no
+  call waits on another queue. Every detection is segmented, its colour is read from the pixels under
+  its mask, and the expression's constraints pick one object: colour, noun (the detector's label or
+  shape), and one of largest/smallest (mask area) or left/right/top/bottom (box centre). The words
+  are those detect understands (``experts.referring``: "the crimson ball" is the red circle).
 
 Artifacts, in this order: when several objects are segmented, first the union of all masks
 (role ``mask (all)``) so that a later ``edit mask="$c2"`` gets every object; then one mask per object
@@ -28,7 +29,9 @@ Weights: the embedded default is a small SAM trained on the shapes world (``mode
 the upsampled edges are blurred by a few pixels; ``refine_mask`` snaps them to the image's edges with a
 guided filter (radius and eps in config.json; off for official checkpoints, whose masks are finer). With ``SWITCHBOARD_SEGMENT_WEIGHTS`` (and
 ``SWITCHBOARD_SEGMENT_MODEL_TYPE``, default ``vit_b``) an official checkpoint is loaded through
-``segment_anything.sam_model_registry`` and runs through exactly the same code.
+``segment_anything.sam_model_registry`` and runs through exactly the same code. The model lives in
+``experts.sam_model``, the runner, refinement and embedding cache in ``experts.sam_runner``, the
+grounding of text targets in ``experts.grounding`` and the overlay in ``experts.overlay``.
 
 Image embeddings are cached per image artifact id (LRU, ``SWITCHBOARD_SEGMENT_CACHE_SIZE`` entries,
 default 16), so a second prompt on the same image skips the image encoder; detect's boxes for a text
@@ -39,19 +42,28 @@ mask-decoder pass, and finishes the calls' masks on a few threads.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import threading
-from collections import OrderedDict
+import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from experts.grounding import Grounder, mask_colour
+from experts.overlay import draw_masks
+from experts.referring import COLOUR_WORDS
+from experts.sam_model import CONFIG_FILE, WEIGHTS_FILE, SegmenterUnavailable, load_official_sam
+from experts.sam_runner import (
+    LRU,
+    EmbeddingCache,
+    ImageEmbedding,
+    PromptRequest,
+    SamRunner,
+    load_small_runner,
+    mask_bbox,
+)
 from switchboard.errors import SwitchboardError
 from switchboard.expert import (
     BoxesRef,
@@ -59,435 +71,17 @@ from switchboard.expert import (
     Expert,
     ExpertResult,
     ImageRef,
+    NamedValues,
     OutputArtifact,
     RunContext,
+    SimulatedScene,
+    Simulation,
+    compose,
     map_on_threads,
 )
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
-    from segment_anything.modeling import Sam
-
-
-class SegmenterUnavailable(SwitchboardError):
-    """The segmenter's weights are missing or cannot be loaded."""
-
-    code = "segmenter_unavailable"
-    status = 503
-
-
-class TargetUnresolvable(SwitchboardError):
-    """A text target that cannot be grounded (no detect expert, or nothing to segment it with)."""
-
-    code = "target_unresolvable"
-
-
-# -- the model ---------------------------------------------------------------------------------------
-@dataclass
-class SmallSamConfig:
-    """Dimensions of a small SAM built from ``segment_anything.modeling`` (stored as config.json)."""
-
-    img_size: int = 256
-    patch_size: int = 16
-    encoder_embed_dim: int = 128
-    encoder_depth: int = 4
-    encoder_num_heads: int = 4
-    encoder_global_attn_indexes: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    window_size: int = 0
-    use_rel_pos: bool = True
-    mlp_ratio: float = 4.0
-    prompt_embed_dim: int = 128
-    mask_in_chans: int = 16
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 512
-    decoder_num_heads: int = 4
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 128
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    # Inference: edge-aware refinement of the upsampled masks (see ``refine_mask``); radius in cells
-    # of the decoder's low-resolution mask (0 = off), eps in (0-1 colour)^2.
-    refine_cells: float = 1.5
-    refine_eps: float = 0.01
-
-    @classmethod
-    def from_json(cls, path: Path) -> SmallSamConfig:
-        data = json.loads(Path(path).read_text())
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def build_small_sam(cfg: SmallSamConfig) -> Sam:
-    """A ``Sam`` with the official module structure (so the state-dict keys match the official layout)."""
-    from functools import partial
-
-    import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    emb = cfg.img_size // cfg.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.encoder_embed_dim,
-            depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads, mlp_ratio=cfg.mlp_ratio,
-            out_chans=cfg.prompt_embed_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=cfg.use_rel_pos, window_size=cfg.window_size,
-            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim, image_embedding_size=(emb, emb),
-            input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
-                                          mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads),
-            transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-        pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
-    )
-
-
-WEIGHTS_FILE = "segmenter.pt"
-CONFIG_FILE = "config.json"
-
-
-def load_small_sam(directory: Path) -> Sam:
-    """The embedded segmenter: ``config.json`` + ``segmenter.pt`` (a half-precision state dict)."""
-    import torch
-
-    directory = Path(directory)
-    cfg = SmallSamConfig.from_json(directory / CONFIG_FILE)
-    sam = build_small_sam(cfg)
-    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    sam.load_state_dict({k: v.float() for k, v in state.items()})
-    return sam.eval()
-
-
-def load_small_runner(directory: Path) -> SamRunner:
-    """The embedded segmenter with its inference settings (mask refinement) from ``config.json``."""
-    cfg = SmallSamConfig.from_json(Path(directory) / CONFIG_FILE)
-    return SamRunner(load_small_sam(directory), refine_cells=cfg.refine_cells, refine_eps=cfg.refine_eps)
-
-
-@dataclass
-class ImageEmbedding:
-    """An image's encoder output plus the sizes needed to map prompts and masks."""
-
-    features: torch.Tensor          # 1 x C x h x w
-    input_size: tuple[int, int]     # (H, W) after resizing the longest side to the encoder's size
-    original_size: tuple[int, int]  # (H, W) of the image
-    guide: np.ndarray | None = None  # H x W x 3 float32 in [0, 1] when masks are refined
-
-
-def _box_filter(x: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window of each channel of an H x W x C array (separable, reflect at edges)."""
-    from scipy.ndimage import uniform_filter1d
-
-    return uniform_filter1d(uniform_filter1d(x, 2 * r + 1, axis=0, mode="reflect"), 2 * r + 1, axis=1, mode="reflect")
-
-
-def guided_filter(guide: np.ndarray, p: np.ndarray, r: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter with a colour guide (H x W x 3) applied to ``p`` (H x W)."""
-    r_, g_, b_ = guide[..., 0], guide[..., 1], guide[..., 2]
-    stats = _box_filter(np.stack([r_, g_, b_, p, r_ * p, g_ * p, b_ * p, r_ * r_, r_ * g_, r_ * b_,
-                                  g_ * g_, g_ * b_, b_ * b_], axis=-1), r)
-    mi, mp = stats[..., 0:3], stats[..., 3]
-    cov = stats[..., 4:7] - mi * mp[..., None]
-    # the (symmetric) colour covariance of each window, plus eps, inverted in closed form
-    rr = stats[..., 7] - mi[..., 0] * mi[..., 0] + eps
-    rg = stats[..., 8] - mi[..., 0] * mi[..., 1]
-    rb = stats[..., 9] - mi[..., 0] * mi[..., 2]
-    gg = stats[..., 10] - mi[..., 1] * mi[..., 1] + eps
-    gb = stats[..., 11] - mi[..., 1] * mi[..., 2]
-    bb = stats[..., 12] - mi[..., 2] * mi[..., 2] + eps
-    i_rr, i_rg, i_rb = gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb
-    i_gg, i_gb, i_bb = rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg
-    det = rr * i_rr + rg * i_rg + rb * i_rb
-    a = np.stack([i_rr * cov[..., 0] + i_rg * cov[..., 1] + i_rb * cov[..., 2],
-                  i_rg * cov[..., 0] + i_gg * cov[..., 1] + i_gb * cov[..., 2],
-                  i_rb * cov[..., 0] + i_gb * cov[..., 1] + i_bb * cov[..., 2]], axis=-1) / det[..., None]
-    b = mp - (a * mi).sum(-1)
-    ab = _box_filter(np.concatenate([a, b[..., None]], axis=-1), r)
-    return (ab[..., :3] * guide).sum(-1) + ab[..., 3]
-
-
-def refine_mask(logits: np.ndarray, guide: np.ndarray, r: int, eps: float) -> np.ndarray:
-    """Snap a mask's boundary to the image's edges: guided-filter the mask probability with the image
-    as guide and threshold at 0.5. The decoder's masks are upsampled from a grid ``r``-ish pixels
-    coarse, so their edges are blurred by about that much; the filter restores edges the colours show.
-    Only the mask's neighbourhood is filtered (cost scales with the object, not the image)."""
-    mask = logits > 0
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return mask
-    h, w = mask.shape
-    m = 2 * r + 2
-    y0, y1, x0, x1 = max(0, ys.min() - m), min(h, ys.max() + 1 + m), max(0, xs.min() - m), min(w, xs.max() + 1 + m)
-    prob = 1.0 / (1.0 + np.exp(-np.clip(logits[y0:y1, x0:x1], -30, 30)))
-    out = np.zeros_like(mask)
-    out[y0:y1, x0:x1] = guided_filter(guide[y0:y1, x0:x1], prob.astype(np.float32), r, eps) > 0.5
-    return out
-
-
-class SamRunner:
-    """Encode images once, then decode any number of prompts against the embedding.
-
-    The same code serves the embedded small SAM and official checkpoints: prompts and images go
-    through ``ResizeLongestSide(image_encoder.img_size)`` like ``SamPredictor`` does.
-    """
-
-    def __init__(self, sam: Sam, *, refine_cells: float = 0.0, refine_eps: float = 0.01) -> None:
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        self.sam = sam.eval()
-        self.img_size = int(sam.image_encoder.img_size)
-        self.transform = ResizeLongestSide(self.img_size)
-        self.refine_cells, self.refine_eps = float(refine_cells), float(refine_eps)
-
-    def encode(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
-        """Run the image encoder over HxWx3 uint8 images in one batch."""
-        import torch
-
-        batch, sizes = [], []
-        for img in images:
-            resized = self.transform.apply_image(np.ascontiguousarray(img))
-            t = torch.as_tensor(resized).permute(2, 0, 1).float()
-            batch.append(self.sam.preprocess(t))  # normalise + pad to img_size x img_size
-            sizes.append((tuple(resized.shape[:2]), tuple(img.shape[:2])))
-        with torch.inference_mode():
-            feats = self.sam.image_encoder(torch.stack(batch))
-        guides = [np.asarray(img, np.float32) / 255.0 if self.refine_cells > 0 else None for img in images]
-        return [ImageEmbedding(feats[i:i + 1], inp, orig, guides[i]) for i, (inp, orig) in enumerate(sizes)]
-
-    def predict(self, emb: ImageEmbedding, *, boxes: np.ndarray | None = None,
-                points: np.ndarray | None = None, labels: np.ndarray | None = None,
-                multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Masks (N x C x H x W bool, original size) and predicted IoUs (N x C) for N prompts.
-
-        ``boxes``: N x 4 pixel xyxy; ``points``: N x K x 2 pixel xy with ``labels`` N x K (1 in, 0 out).
-        """
-        import torch
-
-        sam = self.sam
-        box_t, pts = self._prompts(emb.original_size, boxes, points, labels)
-        with torch.inference_mode():
-            sparse, dense = sam.prompt_encoder(points=pts, boxes=box_t, masks=None)
-            low, iou = sam.mask_decoder(image_embeddings=emb.features, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=multimask)
-        return self.masks(emb, low, iou)
-
-    def _prompts(self, original_size: tuple[int, int], boxes: np.ndarray | None, points: np.ndarray | None,
-                 labels: np.ndarray | None) -> tuple[Any, Any]:
-        """Pixel prompts -> the encoder's input frame, as tensors (boxes, (coords, labels))."""
-        import torch
-
-        box_t = pts = None
-        if boxes is not None:
-            box_t = torch.as_tensor(self.transform.apply_boxes(np.asarray(boxes, np.float32), original_size),
-                                    dtype=torch.float32)
-        if points is not None:
-            coords = self.transform.apply_coords(np.asarray(points, np.float32), original_size)
-            lab = np.ones(coords.shape[:2], np.int64) if labels is None else np.asarray(labels, np.int64)
-            pts = (torch.as_tensor(coords, dtype=torch.float32), torch.as_tensor(lab, dtype=torch.int64))
-        return box_t, pts
-
-    def decode_many(self, requests: Sequence[PromptRequest]) -> list[tuple[Any, Any]]:
-        """The decoder's low-resolution masks and IoUs for many calls' prompts, in as few passes as possible.
-
-        Prompts of one shape (boxes; or points with the same count per object) and multimask setting
-        go through the prompt encoder and the mask decoder together, whatever image they are on: each
-        row is paired with its own image's embedding. ``masks(emb, low, iou)`` then upsamples each.
-        """
-        import torch
-
-        sam = self.sam
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            key = ("boxes", r.multimask) if r.boxes is not None else ("points", np.shape(r.points)[1], r.multimask)
-            groups.setdefault(key, []).append(i)
-        out: list[tuple[Any, Any]] = [(None, None)] * len(requests)
-        for key, idxs in groups.items():
-            feats: list[Any] = []
-            rows: list[int] = []  # per prompt row: index into feats
-            counts: list[int] = []
-            boxes, coords, labels = [], [], []
-            for i in idxs:
-                r = requests[i]
-                box_t, pts = self._prompts(r.emb.original_size, r.boxes, r.points, r.labels)
-                n = int(box_t.shape[0]) if box_t is not None else int(pts[0].shape[0])
-                if box_t is not None:
-                    boxes.append(box_t)
-                else:
-                    coords.append(pts[0])
-                    labels.append(pts[1])
-                rows += [len(feats)] * n
-                feats.append(r.emb.features)
-                counts.append(n)
-            with torch.inference_mode():
-                sparse, dense = sam.prompt_encoder(
-                    points=(torch.cat(coords), torch.cat(labels)) if coords else None,
-                    boxes=torch.cat(boxes) if boxes else None, masks=None)
-                low, iou = _decode_rows(sam, torch.cat(feats)[torch.as_tensor(rows)], sparse, dense, key[-1])
-            for i, lo, io in zip(idxs, low.split(counts), iou.split(counts), strict=True):
-                out[i] = (lo, io)
-        return out
-
-    def masks(self, emb: ImageEmbedding, low: Any, iou: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The decoder's low-resolution masks at the image's size (refined if on) and their IoUs, as numpy."""
-        import torch
-
-        sam = self.sam
-        with torch.inference_mode():
-            logits = sam.postprocess_masks(low, emb.input_size, emb.original_size)
-        if self.refine_cells > 0 and emb.guide is not None:
-            # pixels of the original image per cell of the decoder's low-resolution mask
-            scale = max(emb.original_size) / low.shape[-1] * self.img_size / max(emb.input_size)
-            r = max(1, round(self.refine_cells * scale))
-            lg = logits.numpy()
-            masks = np.stack([np.stack([refine_mask(lg[n, c], emb.guide, r, self.refine_eps)
-                                        for c in range(lg.shape[1])]) for n in range(lg.shape[0])])
-            return masks, iou.float().numpy()
-        return (logits > sam.mask_threshold).numpy(), iou.float().numpy()
-
-
-@dataclass
-class PromptRequest:
-    """One call's prompts for ``SamRunner.decode_many``: pixel boxes (N x 4) or points (N x K x 2)."""
-
-    emb: ImageEmbedding
-    boxes: np.ndarray | None = None
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    multimask: bool = False
-
-
-def _decode_rows(sam: Sam, image_embeddings: Any, sparse: Any, dense: Any, multimask: bool) -> tuple[Any, Any]:
-    """``MaskDecoder.forward`` for rows that each have their own image embedding (R x C x h x w).
-
-    SAM's ``predict_masks`` repeats one image's embedding for every prompt; this is the same
-    computation with the embedding given per row, so prompts on different images share one pass.
-    """
-    import torch
-
-    dec = sam.mask_decoder
-    n_rows = image_embeddings.shape[0]
-    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_rows, -1, -1), sparse), dim=1)
-    src = image_embeddings + dense
-    pos_src = sam.prompt_encoder.get_dense_pe().expand(n_rows, -1, -1, -1)
-    b, c, h, w = src.shape
-    hs, src = dec.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1:(1 + dec.num_mask_tokens), :]
-    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                            for i in range(dec.num_mask_tokens)], dim=1)
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    iou_pred = dec.iou_prediction_head(iou_token_out)
-    keep = slice(1, None) if multimask else slice(0, 1)
-    return masks[:, keep, :, :], iou_pred[:, keep]
-
-
-class LRU:
-    """A bounded, thread-safe least-recently-used map."""
-
-    def __init__(self, size: int) -> None:
-        self.size = max(0, int(size))
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: Any) -> Any | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.size == 0:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-class EmbeddingCache(LRU):
-    """Image embeddings keyed by image artifact id (ids are content hashes, so a key never goes stale)."""
-
-
-# -- referring expressions -----------------------------------------------------------------------------
-COLOUR_WORDS: dict[str, str] = {
-    "red": "red", "orange": "orange", "yellow": "yellow", "green": "green", "blue": "blue",
-    "purple": "purple", "violet": "purple", "white": "white", "grey": "grey", "gray": "grey", "black": "black",
-}
-# word -> (what is compared, which end wins)
-SUPERLATIVES: dict[str, tuple[str, str]] = {
-    "largest": ("area", "max"), "biggest": ("area", "max"), "smallest": ("area", "min"),
-    "tiniest": ("area", "min"), "left": ("x", "min"), "leftmost": ("x", "min"), "right": ("x", "max"),
-    "rightmost": ("x", "max"), "top": ("y", "min"), "topmost": ("y", "min"), "upper": ("y", "min"),
-    "uppermost": ("y", "min"), "highest": ("y", "min"), "bottom": ("y", "max"), "bottommost": ("y", "max"),
-    "lower": ("y", "max"), "lowest": ("y", "max"),
-}
-GENERIC_NOUNS = {"shape", "shapes", "object", "objects", "thing", "things", "one", "item", "region"}
-STOPWORDS = {"the", "a", "an", "on", "at", "in", "of", "to", "most", "side", "that", "is", "which", "and",
-             "please", "all", "every", "image", "picture", "photo", "segment", "mask", "cut", "out", "outline",
-             "select", "highlight", "me", "give", "find", "just", "only", "corner", "part"}
-
-
-@dataclass
-class TargetQuery:
-    """What a referring expression asks for: colour, noun and an optional superlative."""
-
-    text: str
-    colour: str | None = None
-    noun: str | None = None
-    superlative: tuple[str, str] | None = None
-    superlative_word: str | None = None
-
-    @property
-    def what(self) -> str:
-        """'red circle', 'blue object', 'object': what is looked for, without the superlative."""
-        return " ".join(w for w in (self.colour, self.noun or "object") if w)
-
-
-def parse_target(text: str) -> TargetQuery:
-    """Split 'the largest red square' into colour, noun and superlative (unknown words form the noun)."""
-    q = TargetQuery(text=text.strip())
-    rest: list[str] = []
-    for word in re.findall(r"[a-z]+", text.lower()):
-        if word in COLOUR_WORDS and q.colour is None:
-            q.colour = COLOUR_WORDS[word]
-        elif word in SUPERLATIVES and q.superlative is None:
-            q.superlative, q.superlative_word = SUPERLATIVES[word], word
-        elif word in STOPWORDS or word in GENERIC_NOUNS:
-            continue
-        else:
-            rest.append(word)
-    q.noun = " ".join(rest) or None
-    return q
 
 
 # -- arguments and result ----------------------------------------------------------------------------
@@ -564,51 +158,12 @@ class SegmentResult(ExpertResult):
 
 
 # -- the expert -----------------------------------------------------------------------------------------
-OVERLAY_COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (64, 220, 120), (220, 90, 255), (255, 140, 40)]
-
-
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO RLE of a boolean mask with ``counts`` as str (JSON)."""
     from pycocotools import mask as mask_utils
 
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def mask_bbox(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0, 0, 0, 0]
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
-def render_overlay(image: Image.Image, masks: Sequence[np.ndarray]) -> Image.Image:
-    """The image with each mask tinted and outlined in its own colour."""
-    from PIL import Image as PILImage
-
-    out = np.asarray(image.convert("RGB")).astype(np.float32)
-    for i, m in enumerate(masks):
-        col = np.array(OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)], np.float32)
-        out[m] = out[m] * 0.5 + col * 0.5
-        inner = m.copy()
-        inner[1:, :] &= m[:-1, :]
-        inner[:-1, :] &= m[1:, :]
-        inner[:, 1:] &= m[:, :-1]
-        inner[:, :-1] &= m[:, 1:]
-        out[m & ~inner] = col
-    return PILImage.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
-def _colour_of(image: Image.Image, mask: np.ndarray, fallback: str | None) -> str | None:
-    """The colour name of the pixels under ``mask`` (detect's reader), else what detect said."""
-    try:
-        from experts.detect import read_colour
-    except ImportError:
-        return fallback
-    box = mask_bbox(mask)
-    if box[2] <= box[0]:
-        return fallback
-    return read_colour(image, box, mask)
 
 
 def default_cache_size() -> int:
@@ -646,7 +201,68 @@ class SegmentExpert(Expert):
                 args={"image": "{image}", "points": [[500, 500]]}),
         Example(request="mask whatever is at the top left, not the thing in the centre",
                 args={"image": "{image}", "points": [[250, 250], [500, 500]], "labels": [1, 0]}),
+        Example(request="outline the {object}", args={"image": "{image}", "target": "the {object}"}),
+        Example(request="separate the {object} from the background", args={"image": "{image}", "target": "the {object}"}),
+        Example(request="mask the {object}", args={"image": "{image}", "target": "the {object}"}),
+        Example(request="segment whatever is in the middle", args={"image": "{image}", "points": [[500, 500]]}),
+        Example(request="mask the thing at the top left", args={"image": "{image}", "points": [[250, 250]]}),
+        Example(request="trace the outline of the {object}", args={"image": "{image}", "target": "the {object}"}),
+        Example(request="segment the {object} and give me a few candidate masks",
+                args={"image": "{image}", "target": "the {object}", "multimask": True}),
+        Example(request="mask the object at the bottom right", args={"image": "{image}", "points": [[750, 750]]}),
+        Example(request="select the {object} precisely", args={"image": "{image}", "target": "the {object}"}),
+        Example(request="isolate the {object}", args={"image": "{image}", "target": "the {object}"}),
     ]
+    verbs = ["segment", "outline", "mask", "trace", "select", "isolate", "cut out the shape of",
+             "delineate", "get a mask of", "extract the shape of", "create a mask for"]
+    train_verbs = [
+        *compose(["give me", "get", "make", "produce", "create", "return", "compute", "I need", "I want",
+                  "generate", "show me", "output", "extract"],
+                 ["a mask of", "the mask of", "a segmentation of", "a segmentation mask for",
+                  "the silhouette of", "the contour of", "the exact outline of", "a pixel mask of",
+                  "a cut-out of", "the exact shape of", "a binary mask of", "the boundary of",
+                  "the region of"]),
+        "mask out", "segment out", "carve out", "cut around", "contour", "silhouette", "matte",
+        "separate out", "follow the edges of", "draw around the edges of", "draw a contour around",
+        "mark the exact pixels of", "pick out the pixels of", "cut the outline of", "find the edges of",
+        "draw the boundary of", "mask off", "segment out the region of", "select the pixels of",
+        "draw the outline of", "follow the outline of", "sketch the outline of", "go around the edge of",
+        "run a line around the edge of", "draw a line along the border of", "follow the border of",
+        "copy the outline of", "get the outline of", "outline the edges of",
+    ]
+    # named positions (0-1000 coordinates) for a point prompt: without them the only positions in the
+    # core's data are the examples' few, and it learned one point for every "at the ..." request
+    named_values = [NamedValues(
+        arg="points", args={"image": "{image}"}, rate=0.2,
+        values={
+            "top left": [[250, 250]], "upper left": [[250, 250]], "top-left corner": [[250, 250]],
+            "top right": [[750, 250]], "upper right": [[750, 250]], "top-right corner": [[750, 250]],
+            "bottom left": [[250, 750]], "lower left": [[250, 750]], "bottom-left corner": [[250, 750]],
+            "bottom right": [[750, 750]], "lower right": [[750, 750]], "bottom-right corner": [[750, 750]],
+            "centre": [[500, 500]], "center": [[500, 500]], "middle": [[500, 500]],
+            "top": [[500, 250]], "top edge": [[500, 250]], "bottom": [[500, 750]], "bottom edge": [[500, 750]],
+            "left edge": [[250, 500]], "right edge": [[750, 500]],
+        },
+        requests=compose(
+            ["segment", "mask", "select", "isolate", "get a mask of", "cut out the shape of", "give me a mask of",
+             "extract the shape of", "create a mask for", "separate out"],
+            ["whatever is at the {value}", "the object at the {value}", "the shape at the {value}",
+             "the one at the {value}", "what's at the {value}", "the object at the {value} of the picture",
+             "whatever sits at the {value}", "the shape at the {value} of the image", "the item at the {value}"]))]
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """A mask of a made-up share of the image (or a few candidates), and an overlay."""
+        what = args.get("target") or ("the boxes" if args.get("boxes") else "the selected point")
+        pct = rng.randint(2, 30)
+        k = rng.randint(2, 3) if args.get("multimask") == "true" else 1
+        masks = [("mask", f"mask {i + 1}" if k > 1 else "mask") for i in range(k)]
+        if k > 1:
+            return Simulation(summary=f"{k} masks of {what}", artifacts=[*masks, ("overlay", "overlay")],
+                              answer=f"Here are {k} candidate masks of {what}.", facts=[str(k)])
+        summary = rng.choice([f"mask of {what}, {pct}% of the image", f"segmented {what} ({pct}% of the image)"])
+        return Simulation(summary=summary, artifacts=[*masks, ("overlay", "overlay")],
+                          answer=f"Here is the mask of {what}; it covers {pct}% of the image.", facts=[str(pct)])
 
     def __init__(self, weights_dir: Path | str | None = None, cache_size: int | None = None) -> None:
         super().__init__()
@@ -732,10 +348,10 @@ class SegmentExpert(Expert):
             pts = np.array([[x * w / 1000, y * h / 1000] for x, y in args.points], np.float32)[None]
             lab = np.array([args.labels or [1] * len(args.points)], np.int64)
             masks, scores = self.runner.predict(emb, points=pts, labels=lab, multimask=args.multimask)
-            colour = _colour_of(image, masks[0, int(scores[0].argmax()) if args.multimask else 0], None)
+            colour = mask_colour(image, masks[0, int(scores[0].argmax()) if args.multimask else 0], None)
             labels = [f"{colour} object" if colour in COLOUR_WORDS.values() else "object"]
         else:
-            picked, labels, grounding = self._ground(args.target or "", args.image, image, emb, ctx)
+            picked, labels, grounding = self._grounder().ground(args.target or "", args.image, image, emb, ctx)
             if picked is None:
                 return SegmentResult(summary=grounding, prompt="target", width=w, height=h, grounding=grounding)
             masks, scores = self.runner.predict(emb, boxes=np.array([picked], np.float32), multimask=args.multimask)
@@ -794,7 +410,7 @@ class SegmentExpert(Expert):
                 return self.run(args, ctx)
             masks, scores = self.runner.masks(requests[i].emb, *decoded[i])
             if args.points is not None:
-                colour = _colour_of(images[i], masks[0, int(scores[0].argmax()) if args.multimask else 0], None)
+                colour = mask_colour(images[i], masks[0, int(scores[0].argmax()) if args.multimask else 0], None)
                 labels[i] = [f"{colour} object" if colour in COLOUR_WORDS.values() else "object"]
             ctx.progress(0.8, "masks decoded")
             prompt = "boxes" if args.boxes is not None else "points"
@@ -803,6 +419,11 @@ class SegmentExpert(Expert):
         return map_on_threads(finish, range(len(items)), name="segment-batch")
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _grounder(self) -> Grounder:
+        """Text targets' grounding with this segmenter and memo (``experts.grounding``)."""
+        assert self.runner is not None
+        return Grounder(self.runner, self._grounding_memo, self.ground_confidence)
+
     @staticmethod
     def _read_boxes(ctx: RunContext, boxes_id: str, w: int, h: int) -> tuple[list[list[float]], list[str]]:
         data = ctx.read_json(boxes_id)
@@ -821,109 +442,6 @@ class SegmentExpert(Expert):
             boxes.append([x1, y1, x2, y2])
             labels.append(str(b.get("label", "")))
         return boxes, labels
-
-    def _ground(self, target: str, image_id: str, image: Image.Image, emb: ImageEmbedding,
-                ctx: RunContext) -> tuple[list[float] | None, list[str], str]:
-        """Find the box of the object ``target`` names: detect, segment every detection, filter, rank.
-
-        detect is asked for everything (at a low confidence: the expression's constraints do the
-        picking); detections of one object under different classes are merged into one candidate that
-        keeps every class guess and its score. The colour is read from the pixels under each
-        candidate's mask. The noun keeps candidates whose best guess is that class, or failing that,
-        whose guesses include it with at least half the best score (detectors confuse shapes far more
-        often than colours); with no such candidate, the closest object of the right colour is taken.
-        """
-        q = parse_target(target)
-        cands = self._candidates(ctx, image_id, image, emb, "everything")
-        pool = [c for c in cands if q.colour is None or c["colour"] == q.colour]
-        how = "matched"
-        if q.noun and pool:
-            classes = self._noun_classes(ctx, image_id, q.noun, cands)
-            strict = [c for c in pool if max(c["classes"], key=c["classes"].get) in classes]
-            loose = [c for c in pool
-                     if max((c["classes"].get(k, 0.0) for k in classes), default=0.0) >= 0.5 * max(c["classes"].values())]
-            if strict or loose:
-                pool = strict or loose
-                how = "matched" if strict else f"matched a second guess of {q.noun}"
-            elif q.colour:
-                how = f"no {q.colour} {q.noun} detected; closest {q.colour} object"
-            else:
-                pool = []
-        if not pool:
-            seen = ", ".join(sorted({c["name"] for c in cands}))
-            return None, [], f"no {q.what} found in the image" + (f" (found: {seen})" if seen else "")
-        if q.superlative is not None:
-            key, end = q.superlative
-            # positions are the centres of the masks' boxes: the visible part, as a person sees it
-            val = {"area": lambda c: c["area"], "x": lambda c: (c["mbox"][0] + c["mbox"][2]) / 2,
-                   "y": lambda c: (c["mbox"][1] + c["mbox"][3]) / 2}[key]
-            pick = (max if end == "max" else min)(pool, key=val)
-        else:
-            pick = max(pool, key=lambda c: c["score"])
-        return pick["box"], [pick["name"]], f"{target!r} -> {pick['name']} ({how}; {len(pool)} candidate(s))"
-
-    def _detect(self, ctx: RunContext, image_id: str, query: str) -> list[dict[str, Any]]:
-        """The boxes of an in-process detect call (the boxes artifact's entries), memoised per image
-        like the embeddings: several targets on one image run the detector once."""
-        key = ("detect", image_id, query, self.ground_confidence)
-        hit = self._grounding_memo.get(key)
-        if hit is not None:
-            return hit
-        boxes = self._run_detect(ctx, image_id, query)
-        self._grounding_memo.put(key, boxes)
-        return boxes
-
-    def _run_detect(self, ctx: RunContext, image_id: str, query: str) -> list[dict[str, Any]]:
-        from switchboard.registry import get_registry
-
-        registry = get_registry()
-        if "detect" not in registry:
-            raise TargetUnresolvable("cannot ground a text target: the detect expert is not installed; "
-                                     "give boxes or points instead")
-        detect = registry.instance("detect")
-        args = detect.Args.model_validate({"image": image_id, "query": query, "confidence": self.ground_confidence})
-        det = detect(args, ctx)
-        boxes_art = next((a for a in det.artifacts if a.kind == "boxes"), None)
-        return list(ctx.read_json(boxes_art.id).get("boxes", [])) if boxes_art else []
-
-    def _noun_classes(self, ctx: RunContext, image_id: str, noun: str, cands: list[dict[str, Any]]) -> set[str]:
-        """The detector classes ``noun`` names: itself (or its singular) when it is a class seen here,
-        else whatever detect's own query matching (synonyms, similar words) finds for it."""
-        known = {k for c in cands for k in c["classes"]}
-        for form in (noun, noun[:-1] if noun.endswith("s") else noun):
-            if form in known:
-                return {form}
-        return {_box_class(b) for b in self._detect(ctx, image_id, noun)}
-
-    def _candidates(self, ctx: RunContext, image_id: str, image: Image.Image, emb: ImageEmbedding,
-                    query: str) -> list[dict[str, Any]]:
-        """detect's boxes for ``query``, each segmented (mask area, colour of the masked pixels)."""
-        key = ("candidates", image_id, query, self.ground_confidence)
-        hit = self._grounding_memo.get(key)
-        if hit is None:
-            hit = self._segment_detections(image, emb, self._detect(ctx, image_id, query))
-            self._grounding_memo.put(key, hit)
-        return hit
-
-    def _segment_detections(self, image: Image.Image, emb: ImageEmbedding,
-                            found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not found:
-            return []
-        assert self.runner is not None
-        masks, scores = self.runner.predict(emb, boxes=np.array([b["xyxy"] for b in found], np.float32))
-        cands = []
-        for b, m, s in zip(found, masks[:, 0], scores[:, 0], strict=True):
-            if not m.any():
-                continue
-            score = float(b.get("score", s))
-            cands.append({"box": [float(v) for v in b["xyxy"]], "mask": m, "area": int(m.sum()), "mbox": mask_bbox(m),
-                          "classes": {_box_class(b): score}, "score": score, "fallback_colour": b.get("colour")})
-        cands = _merge_duplicates(cands)
-        for c in cands:
-            c["colour"] = _colour_of(image, c["mask"], c.pop("fallback_colour"))
-            noun = max(c["classes"], key=c["classes"].get)
-            c["name"] = f"{c['colour']} {noun}" if c["colour"] else noun
-        return cands
 
     def _result(self, ctx: RunContext, image_id: str, image: Image.Image, masks: np.ndarray, scores: np.ndarray,
                 labels: Sequence[str], prompt: str, multimask: bool, grounding: str | None) -> SegmentResult:
@@ -953,7 +471,7 @@ class SegmentExpert(Expert):
                     artifacts.append(art)
                     obj.candidates.append(MaskCandidate(mask=art.id, area=int(m.sum()),
                                                         score=round(float(scores[i, j]), 4), rle=encode_rle(m)))
-        artifacts.append(ctx.save_image(render_overlay(image, primary), kind="overlay", role="overlay"))
+        artifacts.append(ctx.save_image(draw_masks(image, primary), kind="overlay", role="overlay"))
         artifacts.append(ctx.save_json({"image": image_id, "width": w, "height": h, "boxes": [
             {"xyxy": o.box, "label": o.label, "score": o.score} for o in objects]}, kind="boxes", role="boxes"))
         parts = [f"{o.label or 'object'} {o.area} px" for o in objects]
@@ -969,47 +487,3 @@ class SegmentExpert(Expert):
         from PIL import Image as PILImage
 
         return ctx.save_image(PILImage.fromarray(mask.astype(np.uint8) * 255, mode="L"), kind="mask", role=role)
-
-
-def _box_class(box: dict[str, Any]) -> str:
-    """The class of a detect box: its ``shape`` field, else the last word of its label."""
-    return str(box.get("shape") or (str(box.get("label", "")).split() or ["object"])[-1])
-
-
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _merge_duplicates(cands: list[dict[str, Any]], thresh: float = 0.7) -> list[dict[str, Any]]:
-    """Detections of one object under different classes (boxes with IoU > ``thresh``; a detector's
-    per-class NMS keeps both) become one candidate: the best-scored one's box and mask, with every
-    class guess of the group and its best score."""
-    out: list[dict[str, Any]] = []
-    for c in sorted(cands, key=lambda c: -c["score"]):
-        for o in out:
-            if _box_iou(o["box"], c["box"]) > thresh:
-                for k, v in c["classes"].items():
-                    o["classes"][k] = max(v, o["classes"].get(k, 0.0))
-                break
-        else:
-            out.append({**c, "classes": dict(c["classes"])})
-    return out
-
-
-def load_official_sam(checkpoint: Path, model_type: str) -> Sam:
-    """An official SAM checkpoint through ``segment_anything.sam_model_registry`` (vit_b, vit_l, vit_h)."""
-    from segment_anything import sam_model_registry
-
-    if model_type not in sam_model_registry:
-        raise SegmenterUnavailable(f"unknown SAM model type {model_type!r}; "
-                                   f"types: {', '.join(sorted(sam_model_registry))}")
-    if not checkpoint.is_file():
-        raise SegmenterUnavailable(f"SAM checkpoint {checkpoint} does not exist")
-    try:
-        return sam_model_registry[model_type](checkpoint=str(checkpoint)).eval()
-    except RuntimeError as e:  # wrong type for the file: size mismatches in load_state_dict
-        raise SegmenterUnavailable(f"{checkpoint} is not a {model_type} checkpoint: {str(e).splitlines()[0]}") from e

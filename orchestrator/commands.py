@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from switchboard.artifacts import ID_PATTERN
+from switchboard.artifacts import ID_PATTERN, accepted_kinds
 from switchboard.expert import artifact_fields
 
 TAG_START = re.compile(r"<call(?=[\s/>])")
@@ -208,8 +208,6 @@ def parse(text: str) -> Parsed:
 
 # -- validation ------------------------------------------------------------------------------------
 
-# Which artifact kinds an argument of a given kind accepts (an overlay or mask is still an image).
-ACCEPTS = {"image": {"image", "overlay", "mask"}, "mask": {"mask"}, "boxes": {"boxes"}}
 
 
 @dataclass
@@ -330,7 +328,7 @@ def validate(parsed: Parsed | list[Call], registry: Any, *, artifact_exists: Any
                     deps[arg] = m.group(1)
             elif arg in kinds and value:
                 am = ID_PATTERN.match(value)
-                accepted = ACCEPTS.get(kinds[arg], {kinds[arg]})
+                accepted = accepted_kinds(kinds[arg])
                 if am is None:
                     err("bad_value", f"argument {arg!r} must be a {kinds[arg]} artifact id or a $<call id> "
                         f"reference, got {value[:60]!r}", arg)

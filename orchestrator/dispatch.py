@@ -11,52 +11,28 @@ import concurrent.futures as cf
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from orchestrator.events import CallEvent, CallRecord, EventSink
 from orchestrator.plan import Plan, resolve_args
 from switchboard.artifacts import ArtifactStore
 from switchboard.errors import SwitchboardError
-from switchboard.expert import RunContext
+from switchboard.expert import RunContext, call_expert
 
-Stage = Literal["queued", "started", "progress", "done", "failed"]
-
-
-class CallEvent(BaseModel):
-    """A stage event of one call, streamed to clients (SSE) and logs."""
-
-    call_id: str
-    expert: str
-    stage: Stage
-    progress: float | None = None
-    message: str = ""
-    time: float = 0.0
-
-
-EventSink = Callable[[CallEvent], None]
-
-
-@dataclass
-class CallOutcome:
-    call_id: str
-    expert: str
-    status: Literal["done", "failed", "skipped"]
-    args: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+__all__ = ["CallEvent", "CallFailed", "CallRecord", "Dispatcher", "EventSink", "LocalDispatcher", "PlanResult",
+           "execute_call"]
 
 
 @dataclass
 class PlanResult:
-    outcomes: list[CallOutcome]
+    """The record of every call of a plan, in the plan's order."""
 
-    def by_id(self) -> dict[str, CallOutcome]:
+    outcomes: list[CallRecord]
+
+    def by_id(self) -> dict[str, CallRecord]:
         return {o.call_id: o for o in self.outcomes}
 
     @property
@@ -64,11 +40,7 @@ class PlanResult:
         return all(o.status == "done" for o in self.outcomes)
 
     def artifacts(self) -> list[dict[str, Any]]:
-        out = []
-        for o in self.outcomes:
-            for a in (o.result or {}).get("artifacts", []):
-                out.append({**a, "call_id": o.call_id})
-        return out
+        return [{**a, "call_id": o.call_id} for o in self.outcomes for a in o.artifacts]
 
 
 class CallFailed(Exception):
@@ -81,11 +53,18 @@ def execute_call(registry: Any, store: ArtifactStore, expert: str, args: dict[st
     """Run one call in this process and return its result as JSON. Used by every dispatcher and worker.
 
     Raises CallFailed with a message fit for the user on any error inside the expert.
+    The expert may run others (``RunContext.call``): they run here too, on the same registry and store,
+    under the same call and conversation, validated alike; their errors are this call's errors.
     """
+
+    def caller(name: str, nested_args: dict[str, Any]) -> dict[str, Any]:
+        nested = RunContext(store, call_id=call_id, conversation_id=conversation_id, caller=caller)
+        return call_expert(registry, name, nested_args, nested)
+
     try:
         inst = registry.instance(expert)
         typed = inst.Args.model_validate(args)
-        ctx = RunContext(store, call_id=call_id, conversation_id=conversation_id, progress=progress)
+        ctx = RunContext(store, call_id=call_id, conversation_id=conversation_id, progress=progress, caller=caller)
         result = inst(typed, ctx)
         return result.model_dump(mode="json")
     except SwitchboardError as e:
@@ -122,14 +101,15 @@ class Dispatcher:
                  on_event: EventSink | None = None) -> PlanResult:
         """Run every call of the plan, dependencies first, independent calls concurrently."""
         emit: EventSink = on_event or (lambda e: None)
-        outcomes: dict[str, CallOutcome] = {}
+        outcomes: dict[str, CallRecord] = {}
         results: dict[str, dict[str, Any]] = {}
         pending = {c.id: c for c in plan.calls}
         running: dict[cf.Future, tuple[Any, float, float, dict[str, Any]]] = {}
 
         def fail(call, status, msg, args=None, started=None):
-            outcomes[call.id] = CallOutcome(call.id, call.expert, status, args or {}, None, msg,
-                                            time.monotonic() - started if started else 0.0)
+            outcomes[call.id] = CallRecord(call_id=call.id, expert=call.expert, status=status, args=args or {},
+                                           error=msg, seconds=time.monotonic() - started if started else 0.0,
+                                           tool_call=call.to_tool_call())
             emit(CallEvent(call_id=call.id, expert=call.expert, stage="failed", message=msg, time=time.time()))
 
         while pending or running:
@@ -176,8 +156,9 @@ class Dispatcher:
                     fail(call, "failed", f"{call.expert} failed: {type(e).__name__}: {e}", args, started)
                     continue
                 results[call.id] = res
-                outcomes[call.id] = CallOutcome(call.id, call.expert, "done", args, res, None,
-                                                time.monotonic() - started)
+                outcomes[call.id] = CallRecord(call_id=call.id, expert=call.expert, status="done", args=args,
+                                               result=res, seconds=time.monotonic() - started,
+                                               tool_call=call.to_tool_call())
                 emit(CallEvent(call_id=call.id, expert=call.expert, stage="done", progress=1.0,
                                message=res.get("summary", ""), time=time.time()))
             now = time.monotonic()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.commands import REF, CommandError, Validated, ValidCall, parse, validate
+from switchboard.artifacts import accepted_kinds
 from switchboard.expert import artifact_fields
 
 
@@ -51,7 +52,7 @@ def resolve_args(call: ValidCall, registry: Any, results: dict[str, dict[str, An
     kinds = artifact_fields(registry.get_class(call.expert).Args)
     for arg, ref_id in call.depends_on.items():
         want = kinds[arg]
-        accepted = {"image": ("image", "overlay", "mask")}.get(want, (want,))
+        accepted = accepted_kinds(want)
         produced = results[ref_id].get("artifacts", [])
         match = next((a for a in produced if a["kind"] == want), None) or next(
             (a for a in produced if a["kind"] in accepted), None)

@@ -40,8 +40,8 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
     registry = registry or get_registry()
     store = ArtifactStore.from_settings(s)
     if core is None:
-        from orchestrator.core.model import CoreModel
+        from orchestrator.core.model import CoreModel, default_path
 
-        core = CoreModel.load(s.core_model)
+        core = CoreModel.load(default_path(s), cache_dir=s.cache_dir)
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
                      max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)

@@ -48,11 +48,9 @@ class ConversationStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any = None) -> ConversationStore:
-        from switchboard.settings import get_settings
-
-        s = settings or get_settings()
-        return cls(Path(s.artifact_dir).parent / "conversations")
+    def from_settings(cls, settings: Any) -> ConversationStore:
+        """Conversations next to the artifact store (``switchboard.settings.Settings``)."""
+        return cls(Path(settings.artifact_dir).parent / "conversations")
 
     def _path(self, conv_id: str) -> Path:
         if not isinstance(conv_id, str) or not CONV_PATTERN.match(conv_id):

@@ -32,6 +32,7 @@ KINDS = ("image", "overlay", "mask", "boxes", "text", "json")
 ID_PATTERN = re.compile(r"^(?P<kind>image|overlay|mask|boxes|text|json)-(?P<hex>[0-9a-f]{24})$")
 # Image formats we decode; everything else is refused before PIL's plugin zoo sees it.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+# An overlay or a mask is still an image: an image argument accepts any of these (accepted_kinds).
 IMAGE_KINDS = ("image", "overlay", "mask")
 # zlib level of the PNGs experts write: 1 encodes several times faster than Pillow's default 6 (a large
 # share of a small call: overlays and masks are written on every call) for larger files (+15 to +60 %)
@@ -52,6 +53,11 @@ class ArtifactMeta(BaseModel):
     conversation_id: str | None = None
     created: float
     extra: dict[str, Any] = {}
+
+
+def accepted_kinds(kind: str) -> tuple[str, ...]:
+    """The artifact kinds an argument of ``kind`` accepts: an image argument takes any image kind."""
+    return IMAGE_KINDS if kind == "image" else (kind,)
 
 
 def is_artifact_id(value: str) -> bool:
@@ -150,10 +156,9 @@ class ArtifactStore:
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_settings(cls, settings=None) -> ArtifactStore:
-        from switchboard.settings import get_settings
-
-        s = settings or get_settings()
+    def from_settings(cls, settings: Any) -> ArtifactStore:
+        """The store the settings describe (``switchboard.settings.Settings``)."""
+        s = settings
         return cls(s.artifact_dir, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels)
 
     # -- paths (only ever from validated hex digits) --------------------------------------------

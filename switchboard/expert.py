@@ -9,6 +9,7 @@ An expert is a class with declarative attributes that are checked when the subcl
         Result = DetectResult        # subclass of ExpertResult: what comes back (JSON-serialisable)
         examples = [Example(request="find the {object}", args={"image": "{image}", "query": "{object}"})]
         phrasings = compose(["find", "spot"], ["the {object}", "every {object}"])  # optional, train-only
+        verbs = ["find", "locate", "spot", "look for"]  # optional: interchangeable leading verbs
         queue = "detect"             # optional; defaults to the name
         time_limit = 60.0            # optional; seconds per call
 
@@ -24,6 +25,19 @@ when there are four or more). ``phrasings`` are optional extra ways to ask for t
 of them from small vocabularies with ``compose`` so that the core learns its intent rather than a
 dozen surfaces. A phrasing that contains a held-out example's request, or shares half its words
 with one, is dropped.
+
+The training-data generator (``training/core_data.py``) treats every expert alike, built-in or
+plugin; besides ``examples`` and ``phrasings`` it reads these optional attributes:
+
+- ``verbs``: interchangeable leading verbs of the expert's requests (``["find", "locate", …]``). A
+  request that starts with one may have it swapped for another; split 3:1 like ``examples`` (every
+  fourth is held out when there are four or more).
+- ``train_verbs``: more such verbs for training only (``compose`` them); one that contains a
+  held-out verb is dropped.
+- ``named_values``: ``NamedValues`` — requests that name an argument's value in words ("crop to the
+  top half" -> ``region=[0, 0, 1000, 500]``), for training only.
+- ``simulate()``: a classmethod that makes up a plausible result of a call (summary, artifacts, and
+  what a faithful final answer says) for the core's fusion turns; the default reports the arguments.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import re
 import string
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -42,6 +56,8 @@ from switchboard.errors import ExpertDefinitionError
 from switchboard.memory import get_budget
 
 if TYPE_CHECKING:
+    import random
+
     from PIL import Image
 
     from switchboard.artifacts import ArtifactMeta, ArtifactStore
@@ -129,14 +145,61 @@ class Example(BaseModel):
         return sub(self.request), {k: sub(v) for k, v in self.args.items()}
 
 
+class NamedValues(BaseModel):
+    """Train-only requests that name an argument's value in words, for the generator's breadth:
+    ``requests`` are templates with ``{value}`` where the words go, ``values`` maps the words to the
+    argument's value, and ``args`` are the call's other arguments (templates, as in an ``Example``)."""
+
+    arg: str
+    values: dict[str, Any]
+    requests: list[str]
+    args: dict[str, Any] = {}
+    rate: float = Field(default=0.5, ge=0.0, le=1.0, description="Share of the expert's training calls.")
+
+    def example(self, words: str, template: str) -> Example:
+        """The example these words (a key of ``values``) make with one of the ``requests``."""
+        return Example(request=template.replace("{value}", words), args={**self.args, self.arg: self.values[words]})
+
+
+class SimulatedScene(Protocol):
+    """What ``Expert.simulate`` may ask about the scene of a training conversation (its ground truth)."""
+
+    def matches(self, query: str) -> list[int]:
+        """Indices of the scene's objects that a query ("red circle", "the largest star") denotes."""
+        ...
+
+    def where(self, index: int) -> str:
+        """Where an object is, in words ("top left", "centre")."""
+        ...
+
+    def plural(self, phrase: str, n: int) -> str:
+        """``phrase`` for ``n`` things ("red circle" -> "red circles")."""
+        ...
+
+
+class Simulation(BaseModel):
+    """A made-up outcome of a call, for training the core to report results faithfully: the tool
+    turn's ``summary`` and ``artifacts`` ((kind, role) pairs; the generator gives them ids), the
+    sentence a faithful final answer says about it, and the ``facts`` that answer must state."""
+
+    summary: str
+    artifacts: list[tuple[str, str]] = []
+    answer: str
+    facts: list[str] = []
+
+
 ProgressFn = Callable[[float, str], None]
+#: Runs another expert for a call: ``caller(expert, args)`` -> its result as JSON (``RunContext.call``).
+CallerFn = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 class RunContext:
-    """What an expert's ``run`` gets besides its arguments: the store, the call's identity, progress."""
+    """What an expert's ``run`` gets besides its arguments: the store, the call's identity, progress,
+    and ``call`` to run another expert."""
 
     def __init__(self, store: ArtifactStore, *, call_id: str = "c0", conversation_id: str | None = None,
-                 progress: ProgressFn | None = None, settings: Settings | None = None) -> None:
+                 progress: ProgressFn | None = None, settings: Settings | None = None,
+                 caller: CallerFn | None = None, registry: Any = None) -> None:
         from switchboard.settings import get_settings
 
         self.store = store
@@ -144,6 +207,33 @@ class RunContext:
         self.conversation_id = conversation_id
         self.settings = settings or get_settings()
         self._progress = progress
+        self._caller = caller
+        self._registry = registry
+
+    def call(self, expert: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run another expert for this call (segment grounds a text target with detect); its result as JSON.
+
+        It runs in this process, under this call's conversation, with its artifacts in this store tagged
+        with this call's id: through the caller that whoever runs this call supplied
+        (``orchestrator.dispatch.execute_call``), else through the ``registry`` this context was built
+        with (an expert run directly, e.g. in a unit test or an evaluation). Either way ``args`` are
+        validated against the expert's ``Args`` (``call_expert``), and errors propagate as raised
+        (``UnknownExpert`` when it is not installed), for this call to report as its own.
+        """
+        if self._caller is not None:
+            return self._caller(expert, args)
+        if self._registry is None:
+            raise RuntimeError(
+                f"this call needs the {expert!r} expert, but its RunContext has neither a caller nor a registry; "
+                "build it with RunContext(store, registry=switchboard.get_registry()) or run the call "
+                "through a dispatcher")
+        return call_expert(self._registry, expert, args, self.nested())
+
+    def nested(self) -> RunContext:
+        """The context of a call this call makes: the same store, call id, conversation, settings and
+        caller, but no progress (the other expert's 0..1 is not this call's)."""
+        return RunContext(self.store, call_id=self.call_id, conversation_id=self.conversation_id,
+                          settings=self.settings, caller=self._caller, registry=self._registry)
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress in [0, 1]; forwarded as a stage event (and by workers to the orchestrator)."""
@@ -170,6 +260,14 @@ class RunContext:
     def save_text(self, text: str, role: str = "text") -> OutputArtifact:
         meta: ArtifactMeta = self.store.put_text(text, **self._tags())
         return OutputArtifact(id=meta.id, kind=meta.kind, role=role)
+
+
+def call_expert(registry: Any, expert: str, args: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Run the registry's instance of ``expert`` on ``args`` (validated against its ``Args``) with ``ctx``
+    and return the result as JSON. Errors propagate; the caller decides how to report them."""
+    inst = registry.instance(expert)
+    typed = inst.Args.model_validate(args)
+    return inst(typed, ctx).model_dump(mode="json")
 
 
 def compose(*vocab: Sequence[str]) -> list[str]:
@@ -205,6 +303,9 @@ class Expert:
     Result: ClassVar[type[ExpertResult]]
     examples: ClassVar[list[Example]] = []
     phrasings: ClassVar[list[str]] = []
+    verbs: ClassVar[list[str]] = []
+    train_verbs: ClassVar[list[str]] = []
+    named_values: ClassVar[list[NamedValues]] = []
     queue: ClassVar[str | None] = None
     time_limit: ClassVar[float | None] = None
     abstract: ClassVar[bool] = False
@@ -266,11 +367,41 @@ class Expert:
                 fail(f"phrasing {p!r} uses unknown slot(s) {sorted(fields - EXAMPLE_SLOTS.keys())}")
             if fields != base_slots:
                 fail(f"phrasing {p!r} must use the slots of examples[0] ({sorted(base_slots)}), got {sorted(fields)}")
+        for attr in ("verbs", "train_verbs"):
+            verbs = getattr(cls, attr)
+            if not isinstance(verbs, list | tuple) or not all(isinstance(v, str) and v.strip() for v in verbs):
+                fail(f"`{attr}` must be a list of non-empty strings")
+        if not isinstance(cls.named_values, list | tuple) or not all(isinstance(n, NamedValues)
+                                                                    for n in cls.named_values):
+            fail("`named_values` must be a list of switchboard.expert.NamedValues")
+        for nv in cls.named_values:
+            if nv.arg not in args.model_fields:
+                fail(f"named_values: {nv.arg!r} is not an argument")
+            if not nv.values or not nv.requests or not all("{value}" in r for r in nv.requests):
+                fail(f"named_values for {nv.arg!r}: give values, and requests that contain {{value}}")
+            for words in nv.values:
+                try:
+                    args.model_validate(nv.example(words, nv.requests[0]).fill()[1])
+                except (ValidationError, KeyError, IndexError, ValueError) as e:
+                    fail(f"named_values for {nv.arg!r}: {words!r} does not validate against Args: {e}")
 
     # -- instances --------------------------------------------------------------------------------
     def __init__(self) -> None:
         self._setup_done = False
         self._setup_lock = threading.Lock()
+
+    @classmethod
+    def simulate(cls, args: dict[str, str], scene: SimulatedScene, rng: random.Random) -> Simulation:
+        """A plausible outcome of a call with ``args`` (a command's arguments, as text) on ``scene``,
+        for the core's training data; draw every choice from ``rng``. Never runs a model.
+
+        Experts override it to report what their results say (counts, sizes); this default reports
+        the call's plain arguments, or a short made-up result, and sometimes a text artifact."""
+        shown = ", ".join(f"{k}={v}" for k, v in args.items() if not str(v).startswith(("image-", "$")))
+        summary = rng.choice([f"{cls.name} finished ({shown})" if shown else f"{cls.name} finished",
+                              f"result: {rng.choice(['OK', 'SALE', 'open', '3 items', 'exit'])}"])
+        artifacts = [("text", "text")] if rng.random() < 0.5 else []
+        return Simulation(summary=summary, artifacts=artifacts, answer=f"The {cls.name} expert says: {summary}.")
 
     @classmethod
     def queue_name(cls) -> str:

@@ -39,9 +39,11 @@ class Settings(BaseSettings):
         default=True, description="The fusion pass reuses the plan pass's KV cache for their shared prompt prefix "
         "(off: it prefills its whole prompt again; replies are the same either way).")
 
-    # Distributed dispatch: unset means in-process.
-    broker_url: str | None = None
-    result_backend: str | None = None
+    # Distributed dispatch. The broker URL has one meaning: unset = every call runs in the orchestrator's
+    # process; set = every call goes through Celery. A worker without it refuses to start.
+    broker_url: str | None = Field(
+        default=None, description="Celery broker (Redis) URL; unset = in-process dispatch (workers need it set).")
+    result_backend: str | None = Field(default=None, description="Redis for results; default: the broker URL.")
     worker_max_deliveries: int = Field(
         default=3, ge=1, description="A call whose worker dies this many times is dead-lettered.")
     broker_visibility_timeout_s: float | None = Field(

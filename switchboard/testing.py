@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from switchboard.artifacts import ArtifactStore, is_artifact_id
 from switchboard.expert import Expert, ExpertResult, RunContext, artifact_fields
-from switchboard.registry import Registry
+from switchboard.registry import Registry, get_registry
 
 
 class ExpertContract:
@@ -49,7 +49,7 @@ class ExpertContract:
 
     def _run(self, expert: Expert, store: ArtifactStore, args: dict[str, Any]) -> ExpertResult:
         events: list[tuple[float, str]] = []
-        ctx = RunContext(store, call_id="c1", conversation_id="conv-test",
+        ctx = RunContext(store, call_id="c1", conversation_id="conv-test", registry=get_registry(),
                          progress=lambda f, m: events.append((f, m)))
         result = expert(args, ctx)
         assert all(0.0 <= f <= 1.0 for f, _ in events)
@@ -116,9 +116,9 @@ class ExpertContract:
     def test_run_batch_matches_run(self, expert: Expert, contract_store: ArtifactStore) -> None:
         args = self.expert_cls.Args.model_validate(self.make_args(contract_store))
         expert.ensure_setup()
-        single = expert.run(args, RunContext(contract_store, call_id="c1"))
-        batch = expert.run_batch([(args, RunContext(contract_store, call_id="c1")),
-                                  (args, RunContext(contract_store, call_id="c2"))])
+        single = expert.run(args, RunContext(contract_store, call_id="c1", registry=get_registry()))
+        batch = expert.run_batch([(args, RunContext(contract_store, call_id="c1", registry=get_registry())),
+                                  (args, RunContext(contract_store, call_id="c2", registry=get_registry()))])
         assert len(batch) == 2
         assert [a.kind for a in batch[0].artifacts] == [a.kind for a in single.artifacts]
         assert batch[0].summary == single.summary

@@ -7,6 +7,22 @@ slots are filled from a real scene (its objects, referring expressions, caption)
 ``examples`` enter the data with no other change: every registered expert is a source of requests
 (and its optional train-only ``phrasings`` of ``examples[0]``, composed by the plugin, add breadth).
 
+Built-in experts get their breadth exactly as a plugin does, from attributes of their own class
+(``switchboard.expert``); nothing here names an expert to phrase, broaden or simulate its calls:
+
+- ``examples``: the intents (split 3:1 when there are four or more).
+- ``phrasings``: train-only ways to ask for ``examples[0]``.
+- ``verbs`` / ``train_verbs``: interchangeable leading verbs of its requests (split 3:1 / train-only);
+  ``swap_verb`` swaps a request's leading verb for another of the split.
+- ``named_values``: train-only requests that name an argument's value in words (crop's regions,
+  segment's point positions); any argument called ``seed``, ``steps`` or ``size`` also gets
+  numeric ``MODIFIERS``.
+- ``simulate()``: the made-up result of a call for fusion turns (what the tool turn shows and what a
+  faithful answer says); ``Expert.simulate`` reports the arguments for an expert without its own.
+
+What stays here is the generator's own catalogue of multi-expert intents (``CHAINS``, ``FOLLOWUPS``,
+``PRODUCES``), which apply when the experts they name are registered.
+
 Kinds of samples (``Sample.kind``):
 
 - ``call``: one request -> one call (from an expert's ``examples``).
@@ -20,9 +36,9 @@ Kinds of samples (``Sample.kind``):
 - ``fusion``: tool results in -> a faithful final answer out (counts, names, sizes, failures).
 
 The held-out split (``split="heldout"``) is explicit: every list of interchangeable parts below
-(frames, prefixes, suffixes, verb synonyms, chain phrasings, no-expert phrasings, and each expert's
-examples when it has four or more) is divided by position — item ``i`` is held out when
-``i % 4 == 3`` — and held-out scenes come from another dataset seed. Training never sees a
+(frames, prefixes, suffixes, each expert's ``verbs`` and the chains' verbs, chain phrasings,
+no-expert phrasings, and each expert's examples when it has four or more) is divided by position —
+item ``i`` is held out when ``i % 4 == 3`` — and held-out scenes come from another dataset seed. Training never sees a
 held-out part; a held-out sample is built from at least one held-out part (its template, verb or
 frame). Requests written by people who never saw these parts live in
 ``training/core_heldout_human.jsonl``.
@@ -30,7 +46,7 @@ frame). Requests written by people who never saw these parts live in
 Experts that the design names (detect, segment, generate, edit) are filled in by ``planned_experts()``
 when a registry lacks them (stand-ins with the agreed arguments for detect and segment, the real
 classes for generate and edit); a registered expert of the same name always wins (``data_registry``),
-and its own examples are used together with those of ours that validate against its ``Args``.
+with its own attributes only.
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from switchboard.expert import (
     Expert,
     ExpertResult,
     ImageRef,
+    NamedValues,
     artifact_fields,
     compose,
 )
@@ -82,14 +99,17 @@ def in_split(items: Sequence[Any], split: str) -> list[Any]:
 
 @lru_cache(maxsize=1)
 def planned_experts() -> dict[str, type[Expert]]:
-    """Stand-ins (never run) for detect and segment with their agreed arguments; generate and edit."""
+    """Stand-ins (never run) for detect and segment with their agreed arguments and examples (their
+    verbs, named values and ``simulate`` are the real classes'); generate and edit."""
+    from experts.detect import DetectExpert
+    from experts.segment import SegmentExpert
 
     class DetectArgs(BaseModel):
         image: ImageRef
         query: str = Field(min_length=1, max_length=200, description="What to look for.")
         confidence: float = Field(default=0.25, ge=0.0, le=1.0, description="Minimum score.")
 
-    class DetectStandIn(Expert):
+    class DetectStandIn(DetectExpert):
         name = "detect"
         description = "Find objects matching a text query; returns boxes and an overlay."
         Args = DetectArgs
@@ -126,7 +146,7 @@ def planned_experts() -> dict[str, type[Expert]]:
                 raise ValueError("give exactly one of boxes, points or target")
             return self
 
-    class SegmentStandIn(Expert):
+    class SegmentStandIn(SegmentExpert):
         name = "segment"
         description = "Cut out objects as masks, prompted by boxes, points or a target phrase."
         Args = SegmentArgs
@@ -172,21 +192,8 @@ def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
 
 
 def expert_examples(registry: Any, name: str) -> list[Example]:
-    """An expert's own examples, plus our stand-in's examples that validate against its ``Args``."""
-    cls = registry.get_class(name)
-    out = list(cls.examples)
-    stand = planned_experts().get(name)
-    if stand is not None and stand is not cls:
-        seen = {e.request for e in out}
-        for ex in stand.examples:
-            if ex.request in seen:
-                continue
-            try:
-                cls.Args.model_validate(ex.fill()[1])
-            except (ValidationError, KeyError, ValueError):
-                continue
-            out.append(ex)
-    return out
+    """An expert's examples (its own only, as for any plugin)."""
+    return list(registry.get_class(name).examples)
 
 
 def expert_phrasings(registry: Any, name: str, split: str) -> list[Example]:
@@ -241,22 +248,23 @@ SUFFIXES = [
 FILE_STEMS = ["photo", "IMG_2041", "shapes", "scan_0042", "diagram", "drawing", "picture", "test_image",
               "holiday", "slide3", "untitled", "export", "frame_0007", "sample", "board", "capture"]
 FILE_EXTS = ["png", "jpg", "jpeg", "webp"]
-# Verb synonyms per expert (or chain key): the first matching phrase at the start of a request is
-# swapped for another of the same list and split.
-SYNONYMS: dict[str, list[str]] = {
-    "detect": ["find", "locate", "detect", "look for", "search for", "spot", "pick out", "identify",
-               "track down", "highlight", "box", "seek out", "pinpoint", "scan for", "find me"],
-    "segment": ["segment", "outline", "mask", "trace", "select", "isolate", "cut out the shape of",
-                "delineate", "get a mask of", "extract the shape of", "create a mask for"],
-    "crop": ["crop", "trim", "cut out", "crop out", "zoom in on", "clip"],
-    "generate": ["draw", "generate", "make", "create", "paint", "render", "produce", "sketch",
-                 "illustrate", "design", "dream up", "come up with", "whip up", "craft",
-                 "put together"],
-    "remove": ["remove", "erase", "delete", "get rid of", "take out", "wipe out", "clear away", "eliminate",
-               "strip out", "scrub out", "discard"],
-    "recolour": ["make", "turn", "colour", "paint", "change", "recolour", "dye", "tint", "repaint", "shade",
-                 "re-colour"],
-}
+
+
+@dataclass(frozen=True)
+class Verbs:
+    """Interchangeable leading verbs of requests: ``listed`` are split 3:1 like every list of parts,
+    ``train`` are train-only (see ``train_only``). An expert's come from its ``verbs`` and
+    ``train_verbs``; a chain may have its own."""
+
+    listed: tuple[str, ...] = ()
+    train: tuple[str, ...] = ()
+
+
+def expert_verbs(cls: type[Expert]) -> Verbs | None:
+    """The verbs an expert declares (None when it declares none)."""
+    return Verbs(tuple(cls.verbs), tuple(cls.train_verbs)) if cls.verbs else None
+
+
 # -- train-only breadth -----------------------------------------------------------------------------
 # The lists above are split 3:1; the parts below are *composed* from small vocabularies and used by
 # the training split only, to give every intent many more phrasings than anyone would list by hand
@@ -288,56 +296,17 @@ def _train_only(extra: tuple[str, ...], split_list: tuple[str, ...]) -> tuple[st
     return tuple(out)
 
 
+def named_requests(cls: type[Expert], nv: NamedValues) -> list[str]:
+    """The requests of an expert's ``named_values`` (train-only) less those with a held-out verb of it."""
+    return train_only(nv.requests, cls.verbs)
+
+
 def parts(items: Sequence[str], split: str, extra: Sequence[str] = ()) -> list[str]:
     """The split's share of a list of parts; training adds the train-only ``extra`` parts."""
     own = in_split(items, split)
     return own + train_only(extra, items) if split == "train" else own
 
 
-_VERBS_EXTRA: dict[str, list[str]] = {
-    "detect": [
-        *compose(["show me", "give me", "tell me", "get me", "return", "I need", "I want", "report"],
-                 ["the location of", "the coordinates of", "a bounding box for", "the bounding boxes of",
-                  "the whereabouts of", "boxes for", "the position of", "the positions of"]),
-        *compose(["draw", "put", "place", "add"], ["a box around", "boxes around", "a bounding box around",
-                                                    "a rectangle around", "a frame around"]),
-        "flag", "tag", "point to", "search the image for", "hunt for", "check for",
-        "find all", "find each", "locate all", "spot any", "detect all", "scan the picture for",
-        "find out where", "track", "find and box", "recognise", "discover", "catch", "mark",
-        "mark the location of", "indicate", "indicate where",
-    ],
-    "segment": [
-        *compose(["give me", "get", "make", "produce", "create", "return", "compute", "I need", "I want",
-                  "generate", "show me", "output", "extract"],
-                 ["a mask of", "the mask of", "a segmentation of", "a segmentation mask for",
-                  "the silhouette of", "the contour of", "the exact outline of", "a pixel mask of",
-                  "a cut-out of", "the exact shape of", "a binary mask of", "the boundary of",
-                  "the region of"]),
-        "mask out", "segment out", "carve out", "cut around", "contour", "silhouette", "matte",
-        "separate out", "follow the edges of", "draw around the edges of", "draw a contour around",
-        "mark the exact pixels of", "pick out the pixels of", "cut the outline of", "find the edges of",
-        "draw the boundary of", "mask off", "segment out the region of", "select the pixels of",
-        "draw the outline of", "follow the outline of", "sketch the outline of", "go around the edge of",
-        "run a line around the edge of", "draw a line along the border of", "follow the border of",
-        "copy the outline of", "get the outline of", "outline the edges of",
-    ],
-    "crop": ["cut down to", "crop in on", "snip", "frame", "crop away everything but", "focus on",
-             "close in on", "enlarge", "magnify", "zoom into", "tighten the frame on", "cut the image to",
-             "reframe on", "crop tightly around", "keep only"],
-    "generate": [
-        *compose(["make", "create", "produce", "give me", "show me", "I want", "I'd like", "render"],
-                 ["a picture of", "an image of", "a drawing of", "an illustration of", "some art of",
-                  "a new image of", "a fresh picture of", "a synthetic image of", "artwork of"]),
-        "generate me", "draw up", "conjure", "imagine", "visualise", "visualize", "depict", "picture",
-        "compose", "doodle", "mock up", "synthesise", "cook up", "draw me", "make me", "create me",
-        "output", "build", "invent", "fabricate",
-    ],
-    "remove": ["rub out", "blot out", "wipe away", "cut", "clean up", "take away", "zap", "drop", "hide",
-               "cover up", "purge", "do away with", "edit out", "pull out", "knock out", "clean out",
-               "remove all traces of", "throw out", "obliterate"],
-    "recolour": ["color", "recolor", "colorize", "colourise", "fill", "set", "convert", "transform",
-                 "alter", "modify", "switch", "restyle", "redo"],
-}
 FRAMES_EXTRA_IMPERATIVE = [
     f"{g}{m.replace('{c}', c)}"
     for g in ["", "hi, ", "hey ", "hello, ", "so ", "right, ", "yo ", "morning! ", "excuse me, ", "hiya, ",
@@ -381,45 +350,9 @@ DESCRIBE_EXTRA = [*(f"{a} {b}" for a in ["describe", "summarise", "tell me what 
                     for b in ["the picture", "this photo", "the image", "it", "this", "the attachment",
                               "the shapes"])]
 
-# Train-only argument breadth: named regions for crop (0-1000 coordinates) and numeric modifiers
-# for the arguments an expert calls seed / steps / size, so that values are read from the request
-# instead of memorised with one example's wording.
-REGIONS = {
-    "top half": [0, 0, 1000, 500], "upper half": [0, 0, 1000, 500], "bottom half": [0, 500, 1000, 1000],
-    "lower half": [0, 500, 1000, 1000], "left half": [0, 0, 500, 1000], "right half": [500, 0, 1000, 1000],
-    "left side": [0, 0, 500, 1000], "right side": [500, 0, 1000, 1000], "top part": [0, 0, 1000, 500],
-    "bottom part": [0, 500, 1000, 1000], "top-left quarter": [0, 0, 500, 500],
-    "top right quarter": [500, 0, 1000, 500], "bottom-left quarter": [0, 500, 500, 1000],
-    "bottom right quarter": [500, 500, 1000, 1000], "top left corner": [0, 0, 500, 500],
-    "bottom right corner": [500, 500, 1000, 1000], "centre": [250, 250, 750, 750],
-    "center": [250, 250, 750, 750], "middle": [250, 250, 750, 750], "central part": [250, 250, 750, 750],
-}
-REGION_REQUESTS = train_only(compose(
-    ["crop to", "crop the image to", "keep only", "just keep", "zoom into", "zoom in on", "cut it down to",
-     "trim it to", "cut away everything except", "show me only", "reduce it to",
-     "crop everything but", "give me just", "crop it so only", "leave only"],
-    ["the {region}", "the {region} of the picture", "the {region} of the image", "the {region} of it"]),
-    SYNONYMS["crop"])  # none with a held-out crop verb
-# Named positions for a point-prompted segment (0-1000 coordinates), the same idea for ``points``:
-# without them the only positions in the data are the examples' few, and the core learned one
-# point for every "at the ..." request.
-POSITIONS = {
-    "top left": [250, 250], "upper left": [250, 250], "top-left corner": [250, 250],
-    "top right": [750, 250], "upper right": [750, 250], "top-right corner": [750, 250],
-    "bottom left": [250, 750], "lower left": [250, 750], "bottom-left corner": [250, 750],
-    "bottom right": [750, 750], "lower right": [750, 750], "bottom-right corner": [750, 750],
-    "centre": [500, 500], "center": [500, 500], "middle": [500, 500],
-    "top": [500, 250], "top edge": [500, 250], "bottom": [500, 750], "bottom edge": [500, 750],
-    "left edge": [250, 500], "right edge": [750, 500],
-}
-POINT_REQUESTS = train_only(compose(
-    ["segment", "mask", "select", "isolate", "get a mask of", "cut out the shape of", "give me a mask of",
-     "extract the shape of", "create a mask for", "separate out"],
-    ["whatever is at the {pos}", "the object at the {pos}", "the shape at the {pos}", "the one at the {pos}",
-     "what's at the {pos}", "the object at the {pos} of the picture", "whatever sits at the {pos}",
-     "the shape at the {pos} of the image", "the item at the {pos}"]),
-    SYNONYMS["segment"])  # none with a held-out segment verb
-POINT_RATE = 0.2  # of segment's single calls
+# Train-only argument breadth for the arguments an expert calls seed / steps / size, so that values are
+# read from the request instead of memorised with one example's wording (an expert's ``named_values``
+# do the same for arguments it names itself).
 MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
     "seed": ([", seed {n}", " with seed {n}", " (seed {n})", ", use seed {n}", " using random seed {n}",
               ", seed={n}", " and set the seed to {n}"], lambda r: r.choice([r.randrange(10), r.randrange(10_000)])),
@@ -427,7 +360,6 @@ MODIFIERS: dict[str, tuple[list[str], Callable[[random.Random], int]]] = {
               lambda r: r.choice([5, 8, 10, 12, 15, 25, 30, 40, 50])),
     "size": ([" at {n} pixels", " at {n}px", ", {n} by {n}", ", size {n}"], lambda r: r.choice([64, 96, 128, 256, 512])),
 }
-REGION_RATE = 0.5  # of crop's single calls
 MODIFIER_RATE = 0.3  # of single calls to an expert with such an argument that the example leaves unset
 TYPO_RATE = 0.12
 PHRASING_RATE = 0.5  # of an expert's single calls, when it declares ``phrasings``
@@ -473,15 +405,15 @@ _NOUN_HEADS = (" of", " for", " around", " but", " only", " on")
 _NOUN_OK = (" {", " the ", " every ", " all ", " each ", " whatever", " any ")
 
 
-def swap_verb(template: str, group: str | None, rng: random.Random, split: str, *, p: float = 0.7) -> str:
-    """Replace a leading verb of ``group`` by another synonym of the split (as a template), with
-    probability ``p`` — always when the verb there belongs to the other split."""
-    syn = SYNONYMS.get(group or "")
+def swap_verb(template: str, verbs: Verbs | None, rng: random.Random, split: str, *, p: float = 0.7) -> str:
+    """Replace a leading verb of ``verbs`` by another of the split (as a template), with probability
+    ``p`` — always when the verb there belongs to the other split."""
+    syn = list(verbs.listed) if verbs is not None else []
     if not syn:
         return template
     low = template.lower()
     choices = in_split(syn, split)
-    extra = train_only(_VERBS_EXTRA.get(group or "", ()), syn) if split == "train" else []
+    extra = train_only(verbs.train, syn) if verbs is not None and split == "train" else []
     for phrase_ in sorted(syn, key=len, reverse=True):
         if low.startswith(phrase_ + " "):
             if phrase_ in choices and rng.random() >= p:
@@ -493,13 +425,13 @@ def swap_verb(template: str, group: str | None, rng: random.Random, split: str, 
     return template
 
 
-def phrase(template: str, rng: random.Random, split: str, *, verb_group: str | None = None,
+def phrase(template: str, rng: random.Random, split: str, *, verbs: Verbs | None = None,
            image: bool = True, plain: float = 0.25, frames: bool = True) -> str:
     """Dress a request template (with ``{slots}``) in the split's phrasing parts; slots stay intact.
 
     In the held-out split at least one part (verb or frame) comes from the held-out lists.
     """
-    t = swap_verb(template, verb_group, rng, split)
+    t = swap_verb(template, verbs, rng, split)
     question = _is_question(t)
     pool = (parts(FRAMES_ANY, split, FRAMES_EXTRA_ANY) if question else
             parts(FRAMES_IMPERATIVE + FRAMES_ANY, split, FRAMES_EXTRA_IMPERATIVE + FRAMES_EXTRA_ANY))
@@ -751,27 +683,22 @@ class Generator:
         seed, scene = self._scene()
         img = new_id("image", self.rng)
         slots = fill_slots(scene, img, self.rng)
-        group = name if name in SYNONYMS else None
         attach = image or self.rng.random() < 0.3  # generate requests sometimes come with an image
-        req = _fmt(phrase(ex.request, self.rng, self.split, verb_group=group, image=image), slots.values)
+        req = _fmt(phrase(ex.request, self.rng, self.split, verbs=expert_verbs(cls), image=image), slots.values)
         _, args = Example(request=ex.request, args=ex.args).fill(**slots.values)
         call = self._call("c1", name, args)
         return Sample("call", [_user(req, img if attach else None)], calls_text([call]),
                       {img: seed} if attach else {}, [call], source=f"{name}:{ex.request}", split=self.split)
 
     def _broaden(self, cls: type[Expert], ex: Example) -> Example:
-        """Train-only argument breadth: a named-region crop, a named-position segment, or a numeric
-        modifier appended."""
+        """Train-only argument breadth: one of the expert's ``named_values`` (a crop's named region, a
+        segment's named position), or a numeric modifier appended."""
         rng = self.rng
         fields = cls.Args.model_fields
-        if cls.name == "crop" and "region" in fields and rng.random() < REGION_RATE:
-            where, box = rng.choice(list(REGIONS.items()))
-            template = rng.choice(REGION_REQUESTS)
-            return Example(request=template.replace("{region}", where), args={"image": "{image}", "region": box})
-        if cls.name == "segment" and "points" in fields and rng.random() < POINT_RATE:
-            where, point = rng.choice(list(POSITIONS.items()))
-            template = rng.choice(POINT_REQUESTS)
-            return Example(request=template.replace("{pos}", where), args={"image": "{image}", "points": [point]})
+        for nv in cls.named_values:
+            if nv.arg in fields and rng.random() < nv.rate:
+                words = rng.choice(list(nv.values))
+                return nv.example(words, rng.choice(named_requests(cls, nv)))
         free = [f for f in MODIFIERS if f in fields and f not in ex.args]
         if free and rng.random() < MODIFIER_RATE and not _is_question(ex.request):
             f = rng.choice(free)
@@ -796,7 +723,8 @@ class Generator:
             c, s = self.rng.choice(slots.prompt_things)
             slots.values.update(object=f"{c} {s}", colour=c, shape=s)
         template = self.rng.choice(parts(ch.requests, self.split, ch.extra))
-        req = _fmt(phrase(template, self.rng, self.split, verb_group=ch.verbs, image=ch.image), slots.values)
+        verbs = expert_verbs(self.registry.get_class(ch.verbs)) if isinstance(ch.verbs, str) else ch.verbs
+        req = _fmt(phrase(template, self.rng, self.split, verbs=verbs, image=ch.image), slots.values)
         calls = [self._call(f"c{i + 1}", e, {k: _fmt(v, slots.values) if isinstance(v, str) else v
                                              for k, v in a.items()})
                  for i, (e, a) in enumerate(ch.calls)]
@@ -834,7 +762,7 @@ class Generator:
             f = FollowUp((first[0], name), first[1], first[2], [ex.request], [(name, dict(ex.args))])
         else:
             f = rng.choice(flows)
-        if f.experts[0] == "generate" and slots.prompt_things:
+        if f.makes_image and slots.prompt_things:
             c, s = rng.choice(slots.prompt_things)
             slots.values.update(colour=c, shape=s, object=f"{c} {s}")
         # turn 1: a request that made an artifact, its result, and the answer
@@ -842,7 +770,7 @@ class Generator:
                            image=f.image), slots.values)
         first_call = self._call("c1", f.experts[0], {k: _fmt(v, slots.values) if isinstance(v, str) else v
                                                      for k, v in f.first_args.items()})
-        outcome = simulate(self, first_call, scene, slots, {"image": img})
+        outcome = simulate(self, first_call, scene)
         answer1 = fusion_answer([first_call], [outcome])[0]
         produced = {a["kind"]: a["id"] for a in outcome["artifacts"]}
         values = dict(slots.values)
@@ -857,7 +785,7 @@ class Generator:
             for k, v in a.items():
                 if k in kinds and isinstance(v, str) and not v.startswith("$") and v != "{image}":
                     v = produced.get(kinds[k]) or produced.get("image") or img  # the artifact of turn 1
-                elif k in kinds and v == "{image}" and f.experts[0] == "generate":
+                elif k in kinds and v == "{image}" and f.makes_image:
                     v = produced.get("image", img)
                 args[k] = _fmt(v, values) if isinstance(v, str) else v
             calls.append(self._call(f"c{i + 1}", e, args))
@@ -875,9 +803,7 @@ class Generator:
         img = next(iter(base.images), None)
         seed = base.images.get(img) if img else self.rng.choice(self.scenes)
         scene = scene_info(seed)
-        slots = Slots({}, [])
         outcomes = []
-        made: dict[str, dict[str, str]] = {}
         failed = rng.random() < 0.15
         for i, call in enumerate(base.calls):
             if failed and i == 0:
@@ -888,8 +814,7 @@ class Generator:
                 outcomes.append({"call_id": call["id"], "expert": call["expert"], "status": "skipped",
                                  "error": f"depends on {base.calls[0]['id']}, which failed", "artifacts": []})
                 continue
-            outcomes.append(simulate(self, call, scene, slots, {"image": img} if img else {}, made))
-            made[call["id"]] = {a["kind"]: a["id"] for a in outcomes[-1]["artifacts"]}
+            outcomes.append(simulate(self, call, scene))
         answer, facts = fusion_answer(base.calls, outcomes)
         messages = base.messages + [{"role": "assistant", "content": base.answer},
                                     {"role": "tool", "content": tool_turn(outcomes)}]
@@ -925,13 +850,25 @@ class Chain:
     experts: tuple[str, ...]
     requests: list[str]
     calls: list[tuple[str, dict[str, Any]]]
-    verbs: str | None = None
+    verbs: Verbs | str | None = None  # its own, or (a name) those of one of its experts
     image: bool = True
     uses_prompt_object: bool = False
     extra: list[str] = field(default_factory=list)  # train-only phrasings (see ``parts``)
 
 
 _IMG = "{image}"
+# the verbs of two chains, which no single expert has
+REMOVE_VERBS = Verbs(
+    ("remove", "erase", "delete", "get rid of", "take out", "wipe out", "clear away", "eliminate",
+     "strip out", "scrub out", "discard"),
+    ("rub out", "blot out", "wipe away", "cut", "clean up", "take away", "zap", "drop", "hide",
+     "cover up", "purge", "do away with", "edit out", "pull out", "knock out", "clean out",
+     "remove all traces of", "throw out", "obliterate"))
+RECOLOUR_VERBS = Verbs(
+    ("make", "turn", "colour", "paint", "change", "recolour", "dye", "tint", "repaint", "shade",
+     "re-colour"),
+    ("color", "recolor", "colorize", "colourise", "fill", "set", "convert", "transform",
+     "alter", "modify", "switch", "restyle", "redo"))
 CHAINS = [
     Chain(("detect", "segment"),
           ["find the {object} and outline it", "locate the {object}, then segment it",
@@ -949,7 +886,7 @@ CHAINS = [
            "delete the {object}", "take the {object} out of the image", "make the {object} disappear",
            "remove the {object} and fill in the background", "wipe out the {object}"],
           [("segment", {"image": _IMG, "target": "the {object}"}),
-           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "remove it"})], verbs="remove",
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "remove it"})], verbs=REMOVE_VERBS,
           extra=["rub out the {object}", "the {object} has to go", "I don't want the {object} in the picture",
                  "clean the {object} out of the image", "hide the {object}", "remove the {object} completely",
                  "the picture would be better without the {object}", "lose the {object}",
@@ -961,7 +898,7 @@ CHAINS = [
            "recolour the {object} in {colour2}", "I want the {object} to be {colour2}",
            "switch the colour of the {object} to {colour2}"],
           [("segment", {"image": _IMG, "target": "the {object}"}),
-           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "make it {colour2}"})], verbs="recolour",
+           ("edit", {"image": _IMG, "mask": "$c1", "instruction": "make it {colour2}"})], verbs=RECOLOUR_VERBS,
           extra=["color the {object} {colour2}", "give the {object} a {colour2} colour",
                  "the {object} should be {colour2}", "can the {object} be {colour2}?",
                  "fill the {object} with {colour2}", "change the colour of the {object} to {colour2}",
@@ -1021,6 +958,12 @@ class FollowUp:
     @property
     def first_expert(self) -> str:
         return self.experts[0]
+
+    @property
+    def makes_image(self) -> bool:
+        """Turn 1 drew a new image from the prompt: turn 2's ``{image}`` is that image, and the
+        objects it names are the prompt's."""
+        return "{prompt}" in self.first_args.values()
 
 
 FOLLOWUPS = [
@@ -1112,70 +1055,29 @@ def _where(box: tuple[float, float, float, float]) -> str:
     return f"{v} {h}".strip() or "centre"
 
 
-def simulate(gen: Generator, call: dict, scene: SceneInfo, slots: Slots, ctx: dict[str, str],
-             made: dict[str, dict[str, str]] | None = None) -> dict:
-    """A plausible outcome of a call on a scene (what a tool turn would show), from ground truth."""
-    rng = gen.rng
-    e, a = call["expert"], call["args"]
-    out: dict[str, Any] = {"call_id": call["id"], "expert": e, "status": "done", "artifacts": []}
+class _SceneFacts:
+    """A scene's ground truth as ``Expert.simulate`` sees it (``switchboard.expert.SimulatedScene``)."""
 
-    def art(kind: str, role: str = "") -> None:
-        out["artifacts"].append({"id": new_id(kind, rng), "kind": kind, "role": role or kind})
+    def __init__(self, scene: SceneInfo) -> None:
+        self.scene = scene
 
-    if e == "detect":
-        q = a.get("query", "object")
-        generated = not a.get("image", "").startswith("image-")
-        idx = [] if generated else _matches(scene, q)
-        n = rng.randint(0, 2) if generated else len(idx)
-        if n == 0:
-            out["summary"] = rng.choice([f"no {q} found", f"0 matches for '{q}'", f"found 0 {_plural(q, 2)}"])
-        else:
-            style = rng.randrange(3)
-            if style == 0:
-                out["summary"] = f"found {n} {_plural(q, n)}"
-            elif style == 1 and not generated:
-                wh = ", ".join(_where(scene.objects[i][2]) for i in idx) if idx and idx[0] < len(scene.objects) else ""
-                out["summary"] = f"{n} {_plural(q, n)} ({wh})" if wh else f"{n} {_plural(q, n)}"
-            else:
-                out["summary"] = f"{n} match{'es' if n != 1 else ''} for '{q}', best score 0.{rng.randint(55, 98)}"
-        art("boxes")
-        art("overlay")
-        out["_n"] = n
-        out["_q"] = q
-    elif e == "segment":
-        what = a.get("target") or ("the boxes" if a.get("boxes") else "the selected point")
-        pct = rng.randint(2, 30)
-        k = rng.randint(2, 3) if a.get("multimask") == "true" else 1
-        out["summary"] = (f"{k} masks of {what}" if k > 1 else rng.choice(
-            [f"mask of {what}, {pct}% of the image", f"segmented {what} ({pct}% of the image)"]))
-        for i in range(k):
-            art("mask", f"mask {i + 1}" if k > 1 else "mask")
-        art("overlay")
-        out["_what"], out["_pct"], out["_k"] = what, pct, k
-    elif e == "crop":
-        w = rng.choice([64, 96, 128, 256, 512])
-        n = rng.randint(1, 3) if a.get("boxes") else 1
-        sizes = ", ".join(f"{rng.randint(16, w)}x{rng.randint(16, w)}" for _ in range(n))
-        out["summary"] = f"{n} crop(s) of {w}x{w} image: {sizes}"
-        for i in range(n):
-            art("image", f"crop {i + 1}")
-        out["_n"], out["_sizes"] = n, sizes
-    elif e == "generate":
-        size = a.get("size", "64")
-        out["summary"] = f"generated a {size}x{size} image of '{a.get('prompt', '')}'"
-        art("image", "generated")
-        out["_prompt"] = a.get("prompt", "")
-    elif e == "edit":
-        out["summary"] = f"edited the masked region: {a.get('instruction', '')}"
-        art("image", "edited")
-        out["_instr"] = a.get("instruction", "")
-    else:
-        shown = ", ".join(f"{k}={v}" for k, v in a.items() if not str(v).startswith(("image-", "$")))
-        out["summary"] = rng.choice([f"{e} finished ({shown})" if shown else f"{e} finished",
-                                     f"result: {rng.choice(['OK', 'SALE', 'open', '3 items', 'exit'])}"])
-        if rng.random() < 0.5:
-            art("text")
-    return out
+    def matches(self, query: str) -> list[int]:
+        return _matches(self.scene, query)
+
+    def where(self, index: int) -> str:
+        return _where(self.scene.objects[index][2])
+
+    def plural(self, phrase: str, n: int) -> str:
+        return _plural(phrase, n)
+
+
+def simulate(gen: Generator, call: dict, scene: SceneInfo) -> dict:
+    """A plausible outcome of a call on a scene (what a tool turn would show), from the expert's
+    ``simulate``; ``_answer`` and ``_facts`` (what a faithful answer says) are for ``fusion_answer``."""
+    sim = gen.registry.get_class(call["expert"]).simulate(dict(call["args"]), _SceneFacts(scene), gen.rng)
+    artifacts = [{"id": new_id(kind, gen.rng), "kind": kind, "role": role or kind} for kind, role in sim.artifacts]
+    return {"call_id": call["id"], "expert": call["expert"], "status": "done", "artifacts": artifacts,
+            "summary": sim.summary, "_answer": sim.answer, "_facts": list(sim.facts)}
 
 
 def fusion_answer(calls: list[dict], outcomes: list[dict]) -> tuple[str, list[str]]:
@@ -1189,30 +1091,8 @@ def fusion_answer(calls: list[dict], outcomes: list[dict]) -> tuple[str, list[st
             continue
         if o["status"] == "skipped":
             continue
-        if e == "detect":
-            n, q = o.get("_n", 0), o.get("_q", "")
-            parts.append(f"I found {n} {_plural(q, n)}." if n else f"I couldn't find any {_plural(q, 2)}.")
-            facts += [str(n) if n else "n't", q.split()[-1] if q else ""]
-        elif e == "segment":
-            k, what = o.get("_k", 1), o.get("_what", "")
-            if k > 1:
-                parts.append(f"Here are {k} candidate masks of {what}.")
-                facts += [str(k)]
-            else:
-                parts.append(f"Here is the mask of {what}." if "%" not in o["summary"] else
-                             f"Here is the mask of {what}; it covers {o.get('_pct')}% of the image.")
-                facts += [str(o.get("_pct"))] if "%" in o["summary"] else []
-        elif e == "crop":
-            n = o.get("_n", 1)
-            parts.append(f"Done: {n} crop{'s' if n != 1 else ''} ({o.get('_sizes')}).")
-            facts += [str(n)]
-        elif e == "generate":
-            parts.append(f"Here is the image I made: {o.get('_prompt')}.")
-            facts += [o.get("_prompt", "").split()[-1]] if o.get("_prompt") else []
-        elif e == "edit":
-            parts.append(f"Done: I edited the image ({o.get('_instr')}).")
-        else:
-            parts.append(f"The {e} expert says: {o['summary']}.")
+        parts.append(o.get("_answer") or f"The {e} expert says: {o['summary']}.")
+        facts += o.get("_facts", [])
     for o in outcomes:
         for k in [k for k in o if k.startswith("_")]:
             del o[k]
@@ -1425,7 +1305,7 @@ def _make_no_image(gen: Generator) -> Sample | None:
         return _make_chat(gen)
     name, ex = rng.choice(intents)
     slots = fill_slots(None, "", rng)
-    req = _fmt(phrase(ex.request, rng, gen.split, verb_group=name if name in SYNONYMS else None, image=False),
+    req = _fmt(phrase(ex.request, rng, gen.split, verbs=expert_verbs(gen.registry.get_class(name)), image=False),
                slots.values)
     return _none_sample(gen, req, rng.choice(NO_IMAGE), f"no_image:{name}", image=False)
 

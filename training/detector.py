@@ -241,7 +241,8 @@ def evaluate(weights: Path, *, n: int = 200, seed: int = DEFAULT_EVAL_SEED, imgs
     Colour accuracy: of the ground-truth objects found by a detection of the right shape (IoU >= 0.5,
     confidence >= 0.25), the fraction whose colour the expert reads correctly from the pixels.
     """
-    from experts.detect import prepare_ultralytics, read_colour
+    from experts.colour import read_colour
+    from experts.detect import prepare_ultralytics
 
     settings = _settings()
     prepare_ultralytics(settings)

@@ -6,7 +6,7 @@
     switchboard eval segmenter --json                                     # held-out seed: box, point, text mIoU
 
 The recipe (why it looks like this):
-- The model is ``segment_anything.modeling`` with small dims (see ``experts.segment.SmallSamConfig``):
+- The model is ``segment_anything.modeling`` with small dims (see ``experts.sam_model.SmallSamConfig``):
   a patch-16 ViT at 256 px gives a 16x16 embedding and 64x64 decoder masks. Patch 8 is ~4.5x slower per
   step, so instead the loss is computed at the full 256 px (decoder logits upsampled bilinearly, as at
   inference), which teaches sub-cell boundaries where the ground truth is.
@@ -36,15 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from experts.segment import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    SamRunner,
-    SmallSamConfig,
-    build_small_sam,
-    load_small_runner,
-    load_small_sam,
-)
+from experts.sam_model import CONFIG_FILE, WEIGHTS_FILE, SmallSamConfig, build_small_sam, load_small_sam
+from experts.sam_runner import SamRunner, load_small_runner
 
 TRAIN_SEED = 0      # dataset seed of the training scenes
 VAL_SEED = 2        # dataset seed of the small validation set logged during training
@@ -325,7 +318,7 @@ def eval_text(seed: int, n: int, weights: Path | None, size: int = 256) -> dict[
             image_id = store.put_image(scene.image).id
             for text, j in scene.referring:
                 try:
-                    res = expert({"image": image_id, "target": text}, RunContext(store, call_id=f"e{i}"))
+                    res = expert({"image": image_id, "target": text}, RunContext(store, call_id=f"e{i}", registry=get_registry()))
                 except Exception as e:  # a crash scores 0 and is reported
                     errors.append(f"{text!r} (scene {i}): {type(e).__name__}: {e}")
                     ious.append(0.0)

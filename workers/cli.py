@@ -5,7 +5,7 @@
 
 The queues are the experts' ``queue_name()``s, taken from the registry (entry points, plus
 ``SWITCHBOARD_EXTRA_EXPERTS``), so a plugin's expert is served by naming it. The broker is
-``SWITCHBOARD_BROKER_URL`` (default ``redis://localhost:6379/0``).
+``SWITCHBOARD_BROKER_URL``, which must be set (unset means in-process dispatch: no worker is needed).
 
 ``--batch-max N`` (``SWITCHBOARD_BATCH_MAX_SIZE``) turns on dynamic batching (workers.batching): the
 worker runs a threads pool of ``--concurrency`` threads (default N) and runs concurrent calls of one
@@ -15,7 +15,6 @@ expert through its ``run_batch``, up to N at a time, waiting at most ``--batch-w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 POOLS = ("prefork", "solo", "threads")
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from switchboard.settings import get_settings
-    from workers.config import broker_url, redacted_url, worker_registry
+    from workers.config import BrokerNotConfigured, broker_url, redacted_url, worker_registry
     from workers.routing import queues_for
 
     settings = get_settings()
@@ -73,11 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.pool = "threads"
         args.concurrency = args.concurrency or batch_max
-        # The tasks read these settings (the same process: the threads pool does not fork).
-        os.environ["SWITCHBOARD_BATCH_MAX_SIZE"] = str(batch_max)
-        os.environ["SWITCHBOARD_BATCH_WINDOW_MS"] = str(window_ms)
-        get_settings.cache_clear()
-        settings = get_settings()
+    # What the tasks of this process read (workers.tasks takes its settings from the app).
+    settings = settings.model_copy(update={"batch_max_size": batch_max, "batch_window_ms": window_ms})
     args.pool = args.pool or "prefork"
     args.concurrency = args.concurrency or 1
     try:
@@ -95,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"switchboard worker: {what}; registered experts: {', '.join(registry.names()) or '(none)'}",
               file=sys.stderr)
         return 2
+    try:
+        url = broker_url(settings)
+    except BrokerNotConfigured as e:
+        print(f"switchboard worker: {e}", file=sys.stderr)
+        return 2
     queues = queues_for(registry, experts)
     hostname = args.hostname or f"{'+'.join(experts)}@%h"
     if args.pool != "prefork":
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     batching = (f"; batches of up to {batch_max} calls per expert, window {window_ms:g} ms"
                 if batch_max > 1 else "")
     print(f"switchboard worker: experts {', '.join(experts)} on queues {', '.join(queues)} "
-          f"via {redacted_url(broker_url(settings))}{batching}", file=sys.stderr, flush=True)
+          f"via {redacted_url(url)}{batching}", file=sys.stderr, flush=True)
 
     from workers.app import app
+
+    app.switchboard_settings = settings
 
     celery_argv = [
         "worker", "--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--pool", args.pool,

@@ -24,11 +24,13 @@ What the configuration guarantees, and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from celery import Celery, bootsteps
 
-from switchboard.settings import Settings, get_settings
+from switchboard.settings import Settings
 from workers import backend, transport
 from workers.routing import load_extra_experts, max_hard_limit, queue_for
 
@@ -36,7 +38,7 @@ transport.install()
 backend.install()
 
 TASK_NAME = "switchboard.run_expert"
-DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # Redis keys the workers use besides Celery's own.
 DEAD_LETTER_KEY = "switchboard:dead"
 DELIVERIES_KEY = "switchboard:deliveries:{task_id}:{retries}"
@@ -49,8 +51,19 @@ RESULT_KEY_PREFIX = "celery-task-meta-"
 VISIBILITY_MARGIN_S = 60.0
 
 
+class BrokerNotConfigured(ValueError):
+    """Something that needs the broker was started without ``SWITCHBOARD_BROKER_URL``."""
+
+
 def broker_url(settings: Settings) -> str:
-    return settings.broker_url or DEFAULT_BROKER_URL
+    """The broker's URL. Unset means in-process dispatch, so a worker (or anything else that needs the
+    broker) without one is a mistake, not a reason to guess localhost."""
+    if not settings.broker_url:
+        raise BrokerNotConfigured(
+            "SWITCHBOARD_BROKER_URL is not set: workers need the broker the orchestrator sends calls to; "
+            "set it on both, e.g. SWITCHBOARD_BROKER_URL=redis://localhost:6379/0 (unset, the orchestrator "
+            "runs every call in-process and needs no worker)")
+    return settings.broker_url
 
 
 def redacted_url(url: str) -> str:
@@ -63,23 +76,48 @@ def redacted_url(url: str) -> str:
 
 def result_backend_url(settings: Settings) -> str:
     url = settings.result_backend or broker_url(settings)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not url.startswith(REDIS_SCHEMES):
         raise ValueError(f"the result backend must be Redis (redis://…), got {url.split('://')[0]}://…")
     return url
 
 
-def worker_registry(settings: Settings | None = None) -> Any:
+def worker_registry(settings: Settings) -> Any:
     """The process registry (entry points) plus ``SWITCHBOARD_EXTRA_EXPERTS``.
 
     Registering a class that is already registered is a no-op, so calling this again is cheap.
     """
     from switchboard.registry import get_registry
 
-    s = settings or get_settings()
     reg = get_registry()
-    if s.extra_experts:
-        load_extra_experts(reg, s.extra_experts)
+    if settings.extra_experts:
+        load_extra_experts(reg, settings.extra_experts)
     return reg
+
+
+def queues_measurable(settings: Settings) -> bool:
+    """Whether ``queue_depths`` can measure this broker's queues (a Redis broker)."""
+    return bool(settings.broker_url) and settings.broker_url.startswith(REDIS_SCHEMES)
+
+
+@lru_cache(maxsize=4)
+def _broker_client(url: str) -> Any:
+    import redis
+
+    # Short timeouts: a metrics scrape must not hang on a broker that is down.
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+
+def queue_depths(settings: Settings, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue, in one round trip. Raises if the broker cannot be reached.
+
+    kombu's Redis transport keeps a queue as a Redis list named after it (priority 0, the only one
+    the dispatchers use), so its length is the number of calls waiting.
+    """
+    names = list(queues)
+    pipe = _broker_client(broker_url(settings)).pipeline()
+    for name in names:
+        pipe.llen(name)
+    return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True)}
 
 
 def visibility_timeout(settings: Settings, registry: Any) -> float:
@@ -230,12 +268,17 @@ class BatchedTaskEvents(bootsteps.StartStopStep):
     shutdown = stop
 
 
-def create_app(settings: Settings | None = None, registry: Any = None, *, producer: bool = False) -> Celery:
-    """A configured Celery app. Workers use the module-level ``app``; dispatchers make their own."""
-    s = settings or get_settings()
-    reg = registry if registry is not None else worker_registry(s)
+def create_app(settings: Settings, registry: Any = None, *, producer: bool = False) -> Celery:
+    """A configured Celery app. Workers use the module-level ``app``; dispatchers make their own.
+
+    The app keeps the settings it was made with (``app.switchboard_settings``): the worker's tasks
+    read theirs there, so a worker process reads its settings once, where it starts.
+    Raises BrokerNotConfigured without ``SWITCHBOARD_BROKER_URL``.
+    """
+    reg = registry if registry is not None else worker_registry(settings)
     app = Celery("switchboard", set_as_current=not producer)
-    app.conf.update(celery_config(s, reg, producer=producer))
+    app.conf.update(celery_config(settings, reg, producer=producer))
+    app.switchboard_settings = settings
     if not producer:
         app.conf.include = ["workers.tasks"]
         app.steps["worker"].add(PoolWatch)

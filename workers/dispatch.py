@@ -36,7 +36,7 @@ from redis.retry import Retry
 
 from orchestrator.dispatch import CallEvent, CallFailed, Dispatcher, EventSink
 from switchboard.artifacts import ArtifactStore
-from switchboard.settings import Settings, get_settings
+from switchboard.settings import Settings
 from workers.config import (
     EVENT_FLUSH_INTERVAL_S,
     RESULT_KEY_PREFIX,
@@ -134,9 +134,8 @@ class SentEvents:
 class QueuedDispatcher(Dispatcher):
     """Dispatches calls through Celery + Redis; used when ``SWITCHBOARD_BROKER_URL`` is set."""
 
-    def __init__(self, registry: Any, store: ArtifactStore, *, settings: Settings | None = None,
-                 app: Any = None) -> None:
-        s = settings or get_settings()
+    def __init__(self, registry: Any, store: ArtifactStore, *, settings: Settings, app: Any = None) -> None:
+        s = settings
         super().__init__(registry, store, default_timeout=s.call_timeout_s)
         self.settings = s
         self.app = app if app is not None else create_app(s, registry, producer=True)

@@ -38,7 +38,7 @@ from celery.worker.request import Request
 
 from orchestrator.dispatch import CallFailed, execute_call
 from switchboard.artifacts import ArtifactStore
-from switchboard.settings import get_settings
+from switchboard.settings import Settings
 from workers.app import app
 from workers.batching import BatchingRegistry, batching_applies, process_batchers
 from workers.config import (
@@ -73,6 +73,11 @@ def _per_process(key: str, make: Any) -> Any:
     return item[1]
 
 
+def _settings() -> Settings:
+    """The settings this worker process started with (workers.app reads them once; the CLI may adjust them)."""
+    return app.switchboard_settings
+
+
 def _redis() -> redis.Redis:
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.retry import Retry
@@ -81,7 +86,7 @@ def _redis() -> redis.Redis:
     # The result backend's Redis: task states live there, so our writes can share a round trip with
     # them; the delivery counts and the dead letters live there too.
     return _per_process("redis", lambda: redis.Redis.from_url(
-        result_backend_url(get_settings()), socket_connect_timeout=5, socket_keepalive=True, health_check_interval=10,
+        result_backend_url(_settings()), socket_connect_timeout=5, socket_keepalive=True, health_check_interval=10,
         retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 12)))
 
 
@@ -89,7 +94,7 @@ def _registry() -> Any:
     # The registry holds no sockets, so a prefork child may keep its parent's (experts are
     # constructed lazily, in the process that runs them).
     if "registry" not in _process:
-        _process["registry"] = (os.getpid(), worker_registry())
+        _process["registry"] = (os.getpid(), worker_registry(_settings()))
     return _process["registry"][1]
 
 
@@ -98,14 +103,14 @@ def _count_ttl() -> int:
     count is never forgotten while it matters, and short enough that finished calls' counts go
     away by themselves (no extra round trip to delete them)."""
     if "count_ttl" not in _process:
-        s, reg = get_settings(), _registry()
+        s, reg = _settings(), _registry()
         per_delivery = visibility_timeout(s, reg) + max_hard_limit(reg, s.call_timeout_s)
         _process["count_ttl"] = (os.getpid(), int((s.worker_max_deliveries + 1) * per_delivery) + 60)
     return _process["count_ttl"][1]
 
 
 def _store() -> ArtifactStore:
-    return _per_process("store", lambda: ArtifactStore.from_settings(get_settings()))
+    return _per_process("store", lambda: ArtifactStore.from_settings(_settings()))
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -127,7 +132,7 @@ class ExpertRequest(Request):
                 cls = _registry().get_class((self.kwargs or {}).get("expert"))
             except Exception:  # an unknown expert: the task itself reports it
                 return
-            soft, hard = time_limits(cls, get_settings().call_timeout_s)
+            soft, hard = time_limits(cls, _settings().call_timeout_s)
             self.time_limits = (hard, soft)
 
 
@@ -136,7 +141,7 @@ def _soft_limit(task: Any, expert: str) -> float | None:
     if limits[1]:
         return float(limits[1])
     try:
-        return time_limits(_registry().get_class(expert), get_settings().call_timeout_s)[0]
+        return time_limits(_registry().get_class(expert), _settings().call_timeout_s)[0]
     except Exception:
         return None
 
@@ -189,7 +194,7 @@ def dead_letter(r: redis.Redis, entry: dict[str, Any]) -> None:
 def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0",
                conversation_id: str | None = None) -> dict[str, Any]:
     """Run one call of ``expert`` and return its result as JSON (see the module doc)."""
-    settings = get_settings()
+    settings = _settings()
     r = _redis()
     task_id = self.request.id
     counter = DELIVERIES_KEY.format(task_id=task_id, retries=self.request.retries)

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, *, assistant: Any = None, prelo
     metrics = Metrics()
     metrics.know_experts(registry.names)
     if s.broker_url:
-        metrics.watch_queues(s.broker_url, lambda: sorted(
+        metrics.watch_queues(s, lambda: sorted(
             {registry.get_class(n).queue_name() for n in registry.names()}))
 
     @asynccontextmanager

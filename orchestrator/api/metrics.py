@@ -5,8 +5,9 @@
 - ``switchboard_expert_calls_total{expert, status}`` (done, failed, skipped, invalid),
   ``switchboard_expert_failures_total{expert}`` and ``switchboard_expert_call_seconds{expert}`` (from
   queued to done or failed, so a Celery queue's wait is included);
-- ``switchboard_queue_depth{queue}`` — messages waiting in each expert's Celery queue, read from Redis
-  at scrape time; absent with the in-process dispatcher, which has no queue.
+- ``switchboard_queue_depth{queue}`` — messages waiting in each expert's Celery queue, asked of the
+  broker at scrape time (workers.config.queue_depths); absent with the in-process dispatcher, which has
+  no queue.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.dispatch import CallEvent
+from orchestrator.events import CallEvent, CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +31,18 @@ OTHER = "other"  # label for experts or routes we do not know, so labels stay a 
 
 
 class QueueDepthCollector(Collector):
-    """Length of each expert queue on a Redis broker (kombu keeps a queue as a Redis list of its name)."""
+    """Calls waiting in each expert queue, asked of the broker at scrape time (workers.config.queue_depths)."""
 
-    def __init__(self, broker_url: str, queues: Callable[[], list[str]]) -> None:
-        self.broker_url = broker_url
+    def __init__(self, depths: Callable[[list[str]], dict[str, int]], queues: Callable[[], list[str]]) -> None:
+        self.depths = depths
         self.queues = queues
-        self._client: Any = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("switchboard_queue_depth", "Calls waiting in each expert queue.",
                                   labels=["queue"])
         up = GaugeMetricFamily("switchboard_broker_up", "1 if the broker answered the last scrape.")
         try:
-            if self._client is None:
-                import redis
-
-                self._client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=1, socket_timeout=1)
-            names = self.queues()
-            pipe = self._client.pipeline()
-            for name in names:
-                pipe.llen(name)
-            for name, n in zip(names, pipe.execute(), strict=True):
+            for name, n in self.depths(self.queues()).items():
                 depth.add_metric([name], float(n))
             up.add_metric([], 1.0)
         except Exception as e:  # a scrape must not fail because the broker is down
@@ -79,10 +71,12 @@ class Metrics:
                                       "finished.", ["expert"], buckets=CALL_BUCKETS, registry=r)
         self._experts: Callable[[], list[str]] = list
 
-    def watch_queues(self, broker_url: str, queues: Callable[[], list[str]]) -> None:
-        """Export the depth of the Celery queues (Redis brokers only)."""
-        if broker_url.startswith(("redis://", "rediss://", "unix://")):
-            self.registry.register(QueueDepthCollector(broker_url, queues))
+    def watch_queues(self, settings: Any, queues: Callable[[], list[str]]) -> None:
+        """Export the depth of the Celery queues (on brokers whose queues can be measured: Redis)."""
+        from workers.config import queue_depths, queues_measurable
+
+        if queues_measurable(settings):
+            self.registry.register(QueueDepthCollector(lambda names: queue_depths(settings, names), queues))
 
     def know_experts(self, names: Callable[[], list[str]]) -> None:
         self._experts = names
@@ -117,9 +111,9 @@ class Metrics:
 
         return observe
 
-    def count_calls(self, calls: list[dict[str, Any]]) -> None:
+    def count_calls(self, calls: list[CallRecord]) -> None:
         for call in calls:
-            expert, status = self.expert_label(str(call.get("expert"))), str(call.get("status"))
+            expert, status = self.expert_label(call.expert), call.status
             self.calls.labels(expert, status).inc()
             if status != "done":
                 self.failures.labels(expert).inc()

@@ -16,10 +16,13 @@ Errors are always ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent
 
 MODEL_ID = "switchboard"
 CONVERSATION_HEADER = "X-Conversation-Id"
@@ -161,6 +164,15 @@ class ExecutedToolCall(_Response):
 
     _omit_none = frozenset({"summary", "error"})
 
+    @classmethod
+    def from_record(cls, record: CallRecord, **extra: Any) -> Self:
+        """The API's view of a call's record (``extra``: fields of a subclass, e.g. a delta's index)."""
+        tc = record.tool_call or {"id": record.call_id,
+                                  "function": {"name": record.expert, "arguments": json.dumps(record.args)}}
+        return cls(id=tc["id"], function=ToolCallFunction(**tc["function"]), status=record.status,
+                   summary=record.summary, error=record.error, artifacts=[a["id"] for a in record.artifacts],
+                   **extra)
+
 
 class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
@@ -192,34 +204,9 @@ class ChatCompletionResponse(BaseModel):
 
 # -- streaming ----------------------------------------------------------------------------------
 
-class StageEvent(BaseModel):
-    """The turn moved on: planning → executing (only when there are calls) → answering → done."""
-
-    type: Literal["stage"] = "stage"
-    stage: Literal["planning", "executing", "answering", "done"]
-
-
-class CallStageEvent(_Response):
-    """One expert call moved on."""
-
-    type: Literal["call"] = "call"
-    call_id: str
-    expert: str
-    stage: Literal["queued", "started", "progress", "done", "failed"]
-    progress: float | None = None
-    message: str = ""
-
-    _omit_none = frozenset({"progress"})
-
-
-class PlanTextEvent(BaseModel):
-    """A piece of the core's plan (its reply before the calls run, commands included)."""
-
-    type: Literal["plan"] = "plan"
-    text: str
-
-
-StreamEvent = Annotated[StageEvent | CallStageEvent | PlanTextEvent, Field(discriminator="type")]
+# The events are the turn's own (orchestrator.events): a stage of the turn, a stage of one call, or a
+# piece of the core's plan text (pieces of the answer arrive as content deltas, not as events).
+StreamEvent = Annotated[StageEvent | CallEvent | TextEvent, Field(discriminator="type")]
 
 
 class ToolCallDelta(ExecutedToolCall):

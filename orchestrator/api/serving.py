@@ -12,7 +12,6 @@ import base64
 import binascii
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -28,7 +27,6 @@ from orchestrator.api.protocol import (
     MODEL_ID,
     Artifact,
     AssistantMessage,
-    CallStageEvent,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,19 +37,16 @@ from orchestrator.api.protocol import (
     ImagePart,
     ModelCard,
     ModelList,
-    PlanTextEvent,
     ResponseMessage,
-    StageEvent,
     SystemMessage,
     TextPart,
     ToolCallDelta,
-    ToolCallFunction,
     ToolMessage,
     UserMessage,
     error_body,
 )
 from orchestrator.core import loop
-from orchestrator.dispatch import CallEvent
+from orchestrator.events import CallEvent, StageEvent, TextEvent, pump
 from orchestrator.session import Conversation, ConversationStore
 from switchboard.artifacts import IMAGE_KINDS, ArtifactMeta, ArtifactStore, is_artifact_id
 from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, SwitchboardError
@@ -355,29 +350,14 @@ class ServingChat:
     def _events(self, turn: Turn) -> Iterator[Any]:
         """The turn's events as they happen (the last is the ChatResult). The turn runs in its own
         thread and finishes (and is saved) even if the client goes away."""
-        events: queue.Queue[Any] = queue.Queue()
-        end = object()
-
-        def work() -> None:
-            try:
-                self._run(turn, events.put)
-            except BaseException as e:  # handed to the consumer
-                events.put(e)
-            finally:
-                events.put(end)
-
-        threading.Thread(target=work, daemon=True, name=f"turn-{turn.conversation_id}").start()
-        while (item := events.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return pump(lambda emit: self._run(turn, emit), name=f"turn-{turn.conversation_id}")
 
     def complete(self, turn: Turn, base_url: str) -> ChatCompletionResponse:
         """Run the turn to the end and return the whole completion."""
         result = self._run(turn, lambda event: None)
         artifacts = self._artifacts(result, base_url)
         message = ResponseMessage(content=self._content(result.answer, artifacts),
-                                  tool_calls=[self._tool_call(c) for c in result.calls] or None,
+                                  tool_calls=[ExecutedToolCall.from_record(c) for c in result.calls] or None,
                                   artifacts=artifacts)
         return ChatCompletionResponse(id=_completion_id(), choices=[Choice(message=message)],
                                       conversation_id=result.conversation_id)
@@ -399,15 +379,14 @@ class ServingChat:
         answered = False
         try:
             for ev in self._events(turn):
-                if isinstance(ev, loop.StageEvent):
+                if isinstance(ev, StageEvent):
                     if ev.stage != "done":  # "done" goes out with finish_reason, after the result
-                        yield chunk(event=StageEvent(stage=ev.stage))
+                        yield chunk(event=ev)
                 elif isinstance(ev, CallEvent):
-                    yield chunk(event=CallStageEvent(call_id=ev.call_id, expert=ev.expert, stage=ev.stage,
-                                                     progress=ev.progress, message=ev.message))
-                elif isinstance(ev, loop.TextEvent):
+                    yield chunk(event=ev)
+                elif isinstance(ev, TextEvent):
                     if ev.phase == "plan":
-                        yield chunk(event=PlanTextEvent(text=ev.text))
+                        yield chunk(event=ev)
                     else:
                         answered = True
                         piece = answer.feed(ev.text)
@@ -420,8 +399,7 @@ class ServingChat:
                     links = self._content("", artifacts)
                     if links or ev.calls:
                         sep = "\n\n" if links and ev.answer else ""
-                        calls = [ToolCallDelta(index=i, **self._tool_call(c).model_dump())
-                                 for i, c in enumerate(ev.calls)]
+                        calls = [ToolCallDelta.from_record(c, index=i) for i, c in enumerate(ev.calls)]
                         yield chunk(choices=[ChunkChoice(delta=Delta(content=sep + links if links else None,
                                                                      tool_calls=calls or None,
                                                                      artifacts=artifacts))])
@@ -455,17 +433,6 @@ class ServingChat:
             label = _alt(f"{a.role or a.kind} ({a.call_id})" if a.call_id else a.role or a.kind)
             links.append(f"{'!' if a.kind in IMAGE_KINDS else ''}[{label}]({a.url})")
         return "\n\n".join(p for p in (answer, "\n".join(links)) if p)
-
-    @staticmethod
-    def _tool_call(call: dict[str, Any]) -> ExecutedToolCall:
-        tc = call.get("tool_call") or {
-            "id": call["id"], "function": {"name": call["expert"], "arguments": json.dumps(call.get("args", {}))}}
-        status = call.get("status")
-        return ExecutedToolCall(
-            id=tc["id"], function=ToolCallFunction(**tc["function"]),
-            status=status if status in ("done", "failed", "skipped", "invalid") else "failed",
-            summary=call.get("summary"), error=call.get("error"),
-            artifacts=[a["id"] for a in call.get("artifacts", [])])
 
 
 def _completion_id() -> str:

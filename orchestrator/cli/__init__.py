@@ -17,7 +17,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "chat": ("orchestrator.cli.chat", "chat_main", "chat with the core: plan, run the calls, answer"),
 }
 # `switchboard train X` / `switchboard eval X` -> training.X.main_train / main_eval
-RECIPES = ("detector", "segmenter", "generator", "editor", "core")
+RECIPES = ("detector", "segmenter", "generator", "editor", "core", "router")
 
 
 def _delegate(module: str, func: str, argv: list[str]) -> int:
@@ -56,8 +56,9 @@ def cmd_experts(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     from orchestrator.cli.run import run_commands
+    from switchboard.settings import get_settings
 
-    return run_commands(text, args.image or [], as_json=args.json, out=args.out)
+    return run_commands(text, args.image or [], settings=get_settings(), as_json=args.json, out=args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -69,8 +70,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_artifacts(args: argparse.Namespace) -> int:
     from switchboard.artifacts import ArtifactStore
     from switchboard.errors import SwitchboardError
+    from switchboard.settings import get_settings
 
-    store = ArtifactStore.from_settings()
+    store = ArtifactStore.from_settings(get_settings())
     if args.id:
         try:
             meta = store.get(args.id)

@@ -29,8 +29,9 @@ def plan_main(argv: list[str]) -> int:
     from orchestrator.commands import parse, validate
     from orchestrator.runtime import build_assistant
     from orchestrator.session import Conversation
+    from switchboard.settings import get_settings
 
-    assistant = build_assistant()
+    assistant = build_assistant(get_settings())
     store = assistant.store
 
     def one(request: str, images: list[Path]) -> dict[str, Any]:
@@ -88,48 +89,32 @@ def chat_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="copy the artifacts made into this folder")
     args = p.parse_args(argv)
 
-    from orchestrator.core.loop import ChatResult, StageEvent, TextEvent
-    from orchestrator.dispatch import CallEvent
+    from orchestrator.cli.output import export_artifacts, print_artifacts, print_event
+    from orchestrator.core.loop import ChatResult
     from orchestrator.runtime import build_assistant
+    from switchboard.settings import get_settings
 
-    assistant = build_assistant()
+    assistant = build_assistant(get_settings())
     store = assistant.store
     try:
         images = [_import_image(store, path) for path in args.image or []]
         result: ChatResult | None = None
         for ev in assistant.stream(args.message, images=images, conversation_id=args.conversation):
-            if args.json:
-                if isinstance(ev, ChatResult):
-                    result = ev
-                continue
-            if isinstance(ev, StageEvent):
-                print(f"[{ev.stage}]", flush=True)
-            elif isinstance(ev, CallEvent) and ev.stage != "progress":
-                print(f"  {ev.call_id} {ev.expert}: {ev.stage}{' — ' + ev.message if ev.message else ''}", flush=True)
-            elif isinstance(ev, TextEvent) and ev.phase == "plan":
-                pass
-            elif isinstance(ev, ChatResult):
+            if isinstance(ev, ChatResult):
                 result = ev
+            elif not args.json:
+                print_event(ev)
     except (OSError, SwitchboardError) as e:
         print(f"switchboard chat: {e}", file=sys.stderr)
         return 2
     assert result is not None
-    artifacts = []
-    for a in result.artifacts:
-        path = store.path(a["id"])
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            ext = ".png" if store.get(a["id"]).media_type == "image/png" else ".json"
-            target = args.out / f"{a['call_id']}-{(a.get('role') or a['kind']).replace(' ', '_')}{ext}"
-            target.write_bytes(path.read_bytes())
-            path = target
-        artifacts.append({"id": a["id"], "kind": a["kind"], "path": str(path), "call_id": a["call_id"]})
+    artifacts = export_artifacts(store, result.artifacts, args.out)
     if args.json:
-        print(json.dumps({"answer": result.answer, "calls": result.calls, "errors": result.errors,
-                          "artifacts": artifacts, "conversation_id": result.conversation_id}, indent=2))
+        print(json.dumps({"answer": result.answer, "calls": [c.model_dump(mode="json") for c in result.calls],
+                          "errors": result.errors, "artifacts": artifacts,
+                          "conversation_id": result.conversation_id}, indent=2))
     else:
         print(result.answer)
-        for a in artifacts:
-            print(f"  artifact {a['id']} from {a['call_id']}: {a['path']}")
+        print_artifacts(artifacts)
         print(f"(conversation {result.conversation_id}; continue with --conversation {result.conversation_id})")
     return 0

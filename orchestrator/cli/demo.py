@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from orchestrator.cli.run import run_commands
 
@@ -39,39 +40,32 @@ def scripted_plan(names: list[str]) -> tuple[str, str]:
             '<call id="c2" expert="crop" image="{image}" region="[250,250,750,750]"/>')
 
 
-def conversation(out: Path) -> int:
+def conversation(out: Path, settings: Any) -> int:
     """Two turns with the shipped core on the bundled image, every stage printed as it happens."""
-    from orchestrator.core.loop import ChatResult, StageEvent
-    from orchestrator.dispatch import CallEvent
+    from orchestrator.cli.output import export_artifacts, print_artifacts, print_event
+    from orchestrator.core.loop import ChatResult
     from orchestrator.runtime import build_assistant
 
     print("Loading the core (SmolLM2-135M + vision tower + LoRA; the first run converts the base model)…",
           flush=True)
-    assistant = build_assistant()
+    assistant = build_assistant(settings)
     image_id = assistant.store.import_image(bundled_image().read_bytes()).id
+    out.mkdir(parents=True, exist_ok=True)
     conv_id = None
     for i, text in enumerate(TURNS):
         print(f"\nUser: {text}" + (f"   [image {image_id}]" if i == 0 else ""), flush=True)
         result = None
         for ev in assistant.stream(text, images=[image_id] if i == 0 else [], conversation_id=conv_id):
-            if isinstance(ev, StageEvent) and ev.stage != "done":
-                print(f"  [{ev.stage}]", flush=True)
-            elif isinstance(ev, CallEvent) and ev.stage in ("started", "done", "failed"):
-                print(f"    {ev.call_id} {ev.expert}: {ev.stage}{' — ' + ev.message if ev.message else ''}", flush=True)
-            elif isinstance(ev, ChatResult):
+            if isinstance(ev, ChatResult):
                 result = ev
+            else:
+                print_event(ev, indent="  ")
         assert result is not None
         conv_id = result.conversation_id
         if result.plan != result.answer:
             print("  plan: " + result.plan.replace("\n", "\n        "))
         print(f"Assistant: {result.answer}")
-        out.mkdir(parents=True, exist_ok=True)
-        for a in result.artifacts:
-            meta = assistant.store.get(a["id"])
-            ext = ".png" if meta.media_type == "image/png" else ".json"
-            target = out / f"turn{i + 1}-{a['call_id']}-{(a.get('role') or a['kind']).replace(' ', '_')}{ext}"
-            target.write_bytes(assistant.store.read_bytes(a["id"]))
-            print(f"  artifact {a['id']} -> {target}")
+        print_artifacts(export_artifacts(assistant.store, result.artifacts, out, prefix=f"turn{i + 1}-"))
     assistant.dispatcher.close()
     print(f"\nArtifacts copied to {out.resolve()}")
     return 0
@@ -87,14 +81,14 @@ def main(out: Path = Path("demo-out"), scripted: bool = False) -> int:
     print(f"Image: {image}")
     s = get_settings()
     if not scripted and (s.core_model or (s.models_dir / "core" / "config.json").exists()):
-        return conversation(out)
+        return conversation(out, s)
     request, reply = scripted_plan(names)
     print(f"User: {request}")
     print("Assistant (scripted plan: no trained core is installed):")
     for line in reply.splitlines():
         print(f"  {line}")
     print("Running the plan in-process:")
-    rc = run_commands(reply, [image], as_json=False, out=out)
+    rc = run_commands(reply, [image], settings=s, as_json=False, out=out)
     print(f"Artifacts copied to {out.resolve()}" if rc == 0 else "The plan had errors (see above).")
     return rc
 

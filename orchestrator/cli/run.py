@@ -8,23 +8,16 @@ from pathlib import Path
 from typing import Any
 
 
-def _print_event(ev: Any) -> None:
-    extra = f" {ev.progress:.0%}" if ev.stage == "progress" and ev.progress is not None else ""
-    msg = f" — {ev.message}" if ev.message else ""
-    print(f"  [{ev.call_id}] {ev.expert}: {ev.stage}{extra}{msg}", flush=True)
-
-
-def run_commands(text: str, images: list[Path], *, as_json: bool, out: Path | None,
+def run_commands(text: str, images: list[Path], *, settings: Any, as_json: bool, out: Path | None,
                  conversation_id: str | None = None) -> int:
     """Validate and execute the commands in ``text``; ``{image}``/``{image2}``… stand for ``--image`` files."""
+    from orchestrator.cli.output import export_artifacts, print_artifacts, print_event
     from orchestrator.plan import Plan
     from orchestrator.runtime import make_dispatcher
     from switchboard.artifacts import ArtifactStore
     from switchboard.errors import SwitchboardError
     from switchboard.registry import get_registry
-    from switchboard.settings import get_settings
 
-    settings = get_settings()
     store = ArtifactStore.from_settings(settings)
     registry = get_registry()
     slots: dict[str, str] = {}
@@ -43,30 +36,20 @@ def run_commands(text: str, images: list[Path], *, as_json: bool, out: Path | No
     dispatcher = make_dispatcher(registry, store, settings)
     try:
         result = dispatcher.run_plan(plan, conversation_id=conversation_id,
-                                     on_event=None if as_json else _print_event)
+                                     on_event=None if as_json else print_event)
     finally:
         dispatcher.close()
-    artifacts = []
-    for a in result.artifacts():
-        path = store.path(a["id"])
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            ext = {"image/png": ".png", "application/json": ".json"}.get(store.get(a["id"]).media_type, ".bin")
-            target = out / f"{a['call_id']}-{a['role'].replace(' ', '_') or a['kind']}{ext}"
-            target.write_bytes(path.read_bytes())
-            path = target
-        artifacts.append({**a, "path": str(path)})
+    artifacts = export_artifacts(store, result.artifacts(), out)
     if as_json:
         print(json.dumps({
             "inputs": slots,
-            "calls": [o.to_dict() for o in result.outcomes],
+            "calls": [o.model_dump(mode="json") for o in result.outcomes],
             "errors": [e.to_dict() for e in plan.errors],
             "artifacts": artifacts,
         }, indent=2))
     else:
         for o in result.outcomes:
-            line = (o.result or {}).get("summary") if o.status == "done" else o.error
+            line = o.summary if o.status == "done" else o.error
             print(f"{o.call_id} {o.expert:<8} {o.status:<7} {o.seconds * 1000:7.0f} ms  {line}")
-        for a in artifacts:
-            print(f"  artifact {a['id']} ({a['role']}) from {a['call_id']}: {a['path']}")
+        print_artifacts(artifacts)
     return 0 if result.ok and not plan.errors else 1

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.commands import ACCEPTS
+from switchboard.artifacts import accepted_kinds
 from switchboard.expert import artifact_fields
 
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -151,7 +151,7 @@ class CommandGrammar:
 
     # -- the automaton ------------------------------------------------------------------------------
     def _values_for(self, spec: ArgSpec, state: State) -> Iterable[str]:
-        accepted = ACCEPTS.get(spec.artifact_kind or "", {spec.artifact_kind})
+        accepted = accepted_kinds(spec.artifact_kind or "")
         yield from (i for i, k in self.artifacts.items() if k in accepted)
         yield from ("$" + c for c in state.call_ids[:-1])  # earlier calls of this reply
 

@@ -17,45 +17,32 @@ following turns ("now remove it").
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from orchestrator.commands import parse, validate
 from orchestrator.core.format import tool_turn
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
-from orchestrator.dispatch import CallEvent, Dispatcher
+from orchestrator.dispatch import Dispatcher
+from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent, pump
 from orchestrator.plan import Plan
 from orchestrator.session import Conversation, ConversationStore
 from switchboard.artifacts import ArtifactStore
 
-
-@dataclass
-class StageEvent:
-    stage: Literal["planning", "executing", "answering", "done"]
-    time: float = field(default_factory=time.time)
+__all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "Event", "StageEvent", "TextEvent"]
 
 
-@dataclass
-class TextEvent:
-    phase: Literal["plan", "answer"]
-    text: str
+class ChatResult(BaseModel):
+    """The end of a turn (its last event): the answer, the plan it came from, and how each call went."""
 
-
-@dataclass
-class ChatResult:
     conversation_id: str
     answer: str
     plan: str
-    calls: list[dict[str, Any]]  # one per call: id, expert, args, status, summary/error, tool_call
+    calls: list[CallRecord]  # one per call of the plan, in reply order (invalid ones included)
     errors: list[dict[str, Any]]
     artifacts: list[dict[str, Any]]  # id, kind, role, call_id
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 Event = StageEvent | TextEvent | CallEvent | ChatResult
@@ -100,7 +87,7 @@ class Assistant:
         processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
         extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
         return self.core.generate(messages, self._images(messages), max_new_tokens=self.max_new_tokens,
-                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(phase, t)),
+                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(type=phase, text=t)),
                                   **extra)
 
     def plan(self, conv: Conversation) -> str:
@@ -117,7 +104,7 @@ class Assistant:
             conv.add_artifact(image_id, self.store.get(image_id).kind)
         conv.messages.append({"role": "user", "content": message, "images": list(images or [])})
 
-        emit(StageEvent("planning"))
+        emit(StageEvent(stage="planning"))
         prefix_cache = self._prefix_cache()
         reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache).strip()
         parsed = parse(reply)
@@ -127,36 +114,24 @@ class Assistant:
         if not parsed.calls and not parsed.errors:
             conv.messages.append({"role": "assistant", "content": reply})
             self.conversations.save(conv)
-            result = ChatResult(conv.id, reply, reply, [], [], [])
-            emit(StageEvent("done"))
+            result = ChatResult(conversation_id=conv.id, answer=reply, plan=reply, calls=[], errors=[], artifacts=[])
+            emit(StageEvent(stage="done"))
             emit(result)
             return result
 
-        emit(StageEvent("executing"))
+        emit(StageEvent(stage="executing"))
         plan = Plan.from_validated(validated)
         outcome = self.dispatcher.run_plan(plan, conversation_id=conv.id, on_event=emit)
         by_id = outcome.by_id()
-        calls, lines = [], []
+        calls: list[CallRecord] = []
         for call in parsed.calls:
-            o = by_id.get(call.id)
-            vc = next((c for c in plan.calls if c.id == call.id), None)
-            entry: dict[str, Any] = {"id": call.id, "expert": call.expert, "args": dict(call.args)}
-            if vc is not None:
-                entry["tool_call"] = vc.to_tool_call()
-            if o is not None:
-                entry.update(status=o.status, args=o.args or entry["args"])
-                if o.status == "done":
-                    entry["summary"] = o.result.get("summary", "")
-                    entry["artifacts"] = o.result.get("artifacts", [])
-                else:
-                    entry["error"] = o.error
-            else:
+            record = by_id.get(call.id)
+            if record is None:  # it did not validate, so it never ran
                 err = next((e for e in validated.errors if e.call_id == call.id), None)
-                entry.update(status="invalid", error=str(err.message) if err else "invalid call")
-            calls.append(entry)
-            lines.append({"call_id": call.id, "expert": call.expert, "status": entry["status"],
-                          "summary": entry.get("summary"), "error": entry.get("error"),
-                          "artifacts": entry.get("artifacts", [])})
+                record = CallRecord.invalid(call.id, call.expert, dict(call.args),
+                                            str(err.message) if err else "invalid call")
+            calls.append(record)
+        lines = [c.outcome() for c in calls]
         for e in parsed.errors:
             lines.append({"call_id": "-", "expert": "-", "status": "invalid", "error": e.message})
         artifacts = outcome.artifacts()
@@ -165,13 +140,14 @@ class Assistant:
         conv.messages.append({"role": "assistant", "content": reply})
         conv.messages.append({"role": "tool", "content": tool_turn(lines)})
 
-        emit(StageEvent("answering"))
+        emit(StageEvent(stage="answering"))
         answer = self._generate(conv, allow_calls=False, phase="answer", emit=emit,
                                 prefix_cache=prefix_cache).strip()
         conv.messages.append({"role": "assistant", "content": answer})
         self.conversations.save(conv)
-        result = ChatResult(conv.id, answer, reply, calls, errors, artifacts)
-        emit(StageEvent("done"))
+        result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=calls, errors=errors,
+                            artifacts=artifacts)
+        emit(StageEvent(stage="done"))
         emit(result)
         return result
 
@@ -180,23 +156,4 @@ class Assistant:
 
         An exception inside the turn is re-raised from the iterator.
         """
-        q: queue.Queue[Any] = queue.Queue()
-        done = object()
-
-        def work() -> None:
-            try:
-                self.run(message, on_event=q.put, **kw)
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
-            finally:
-                q.put(done)
-
-        threading.Thread(target=work, daemon=True, name="assistant-turn").start()
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
+        return pump(lambda emit: self.run(message, on_event=emit, **kw), name="assistant-turn")

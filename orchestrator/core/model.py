@@ -54,14 +54,15 @@ def _offline() -> None:
 
 
 def _settings():
+    """The process's settings, for callers that pass none (training scripts, tests); the runtime passes its own."""
     from switchboard.settings import get_settings
 
     return get_settings()
 
 
-def default_path() -> Path:
+def default_path(settings: Any = None) -> Path:
     """Where the shipped core lives: ``Settings.core_model`` if set, else ``models/core``."""
-    s = _settings()
+    s = settings or _settings()
     return Path(s.core_model) if s.core_model else Path(s.models_dir) / "core"
 
 
@@ -262,8 +263,10 @@ class CoreModel:
         return next(self.model.parameters()).device
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, device: str | None = None, merge: bool = True) -> CoreModel:
-        """Load a core (see the class doc). ``merge`` folds the LoRA adapter into the weights (inference)."""
+    def load(cls, path: str | Path | None = None, *, device: str | None = None, merge: bool = True,
+             cache_dir: Path | None = None) -> CoreModel:
+        """Load a core (see the class doc). ``merge`` folds the LoRA adapter into the weights (inference);
+        ``cache_dir`` holds the converted base model (default: ``Settings.cache_dir``)."""
         _offline()
         import torch
 
@@ -273,7 +276,7 @@ class CoreModel:
                                     "SWITCHBOARD_CORE_MODEL to a LLaVA-family checkpoint directory)")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if (path / "core.json").exists():
-            core = cls._load_parts(path, merge=merge)
+            core = cls._load_parts(path, merge=merge, cache_dir=cache_dir)
         else:
             core = cls._load_llava(path)
         core.model.to(dev)
@@ -281,7 +284,7 @@ class CoreModel:
         return core
 
     @classmethod
-    def _load_parts(cls, path: Path, *, merge: bool) -> CoreModel:
+    def _load_parts(cls, path: Path, *, merge: bool, cache_dir: Path | None = None) -> CoreModel:
         from safetensors.torch import load_file
         from transformers import LlavaConfig
 
@@ -306,7 +309,7 @@ class CoreModel:
         if base == "included":
             lm_state = load_file(str(path / "lm.safetensors"))
         else:
-            lm_state = load_file(str(base_lm_dir() / "model.safetensors"))
+            lm_state = load_file(str(base_lm_dir(cache_dir) / "model.safetensors"))
         vstate = load_file(str(path / "vision.safetensors")) if (path / "vision.safetensors").exists() else None
         model = assemble(config, lm_state, vstate)
         if (path / "adapter").is_dir():

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.detect import DetectExpert, DetectorWeightsMissing, QueryMatcher, minilm_encoder, read_colour
+from experts.colour import read_colour
+from experts.detect import DetectExpert, DetectorWeightsMissing
+from experts.referring import QueryMatcher, minilm_encoder
 from switchboard.artifacts import ArtifactStore
 from switchboard.expert import RunContext
 from switchboard.settings import get_settings

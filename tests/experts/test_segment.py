@@ -11,19 +11,14 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from experts.segment import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    SegmentArgs,
-    SegmenterUnavailable,
-    SegmentExpert,
-    parse_target,
-    refine_mask,
-)
+from experts.referring import parse_target
+from experts.sam_model import CONFIG_FILE, WEIGHTS_FILE, SegmenterUnavailable
+from experts.sam_runner import refine_mask
+from experts.segment import SegmentArgs, SegmentExpert
 from orchestrator.dispatch import CallFailed, execute_call
 from switchboard.artifacts import ArtifactStore
 from switchboard.expert import Expert, ExpertResult, ImageRef, RunContext
-from switchboard.registry import Registry
+from switchboard.registry import Registry, get_registry
 from switchboard.settings import get_settings
 from switchboard.testing import ExpertContract
 from training.shapes import make_scene
@@ -91,7 +86,7 @@ def test_box_prompts_match_ground_truth(shipped: SegmentExpert, store: ArtifactS
     ious = []
     for seed in (7, 11, 12):
         scene, image = put_scene(store, seed)
-        res = shipped({"image": image, "boxes": put_gt_boxes(store, scene, image)}, RunContext(store))
+        res = shipped({"image": image, "boxes": put_gt_boxes(store, scene, image)}, RunContext(store, registry=get_registry()))
         assert len(res.objects) == len(scene.objects)
         for obj, gt in zip(res.objects, scene.objects, strict=True):
             m = read_mask(store, obj.mask)
@@ -110,7 +105,7 @@ def test_point_prompt_segments_the_object_under_it(shipped: SegmentExpert, store
         for gt in scene.objects:
             y, x = np.unravel_index(np.argmax(distance_transform_edt(gt.mask)), gt.mask.shape)
             point = [round((x + 0.5) * 1000 / 256), round((y + 0.5) * 1000 / 256)]
-            res = shipped({"image": image, "points": [point]}, RunContext(store))
+            res = shipped({"image": image, "points": [point]}, RunContext(store, registry=get_registry()))
             assert len(res.objects) == 1 and res.summary.startswith("1 mask:")
             ious.append(iou(read_mask(store, res.objects[0].mask), gt.mask))
     assert np.mean(ious) >= 0.7, ious
@@ -119,7 +114,7 @@ def test_point_prompt_segments_the_object_under_it(shipped: SegmentExpert, store
 def test_several_objects_union_mask_comes_first(shipped: SegmentExpert, store: ArtifactStore) -> None:
     scene, image = put_scene(store, 7)
     assert len(scene.objects) >= 2
-    res = shipped({"image": image, "boxes": put_gt_boxes(store, scene, image)}, RunContext(store))
+    res = shipped({"image": image, "boxes": put_gt_boxes(store, scene, image)}, RunContext(store, registry=get_registry()))
     masks = [a for a in res.artifacts if a.kind == "mask"]
     assert masks[0].role == "mask (all)"
     union = np.logical_or.reduce([read_mask(store, o.mask) for o in res.objects])
@@ -136,7 +131,7 @@ def test_several_objects_union_mask_comes_first(shipped: SegmentExpert, store: A
 
 def test_multimask_returns_candidates(shipped: SegmentExpert, store: ArtifactStore) -> None:
     scene, image = put_scene(store, 7)
-    res = shipped({"image": image, "points": [[500, 500]], "multimask": True}, RunContext(store))
+    res = shipped({"image": image, "points": [[500, 500]], "multimask": True}, RunContext(store, registry=get_registry()))
     (obj,) = res.objects
     assert len(obj.candidates) == 2
     assert all(obj.score >= c.score for c in obj.candidates)
@@ -145,7 +140,7 @@ def test_multimask_returns_candidates(shipped: SegmentExpert, store: ArtifactSto
 def test_empty_boxes_give_no_masks(shipped: SegmentExpert, store: ArtifactStore) -> None:
     _, image = put_scene(store, 7)
     empty = store.put_json({"image": image, "width": 256, "height": 256, "boxes": []}, kind="boxes").id
-    res = shipped({"image": image, "boxes": empty}, RunContext(store))
+    res = shipped({"image": image, "boxes": empty}, RunContext(store, registry=get_registry()))
     assert res.objects == [] and "nothing to segment" in res.summary
 
 
@@ -196,11 +191,11 @@ def oracle_registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 def test_parse_target() -> None:
     q = parse_target("the largest red square")
-    assert (q.colour, q.noun, q.superlative) == ("red", "square", ("area", "max"))
+    assert (q.colours, q.noun, q.superlative) == ({"red"}, "square", ("area", "max"))
     q = parse_target("the triangle on the left")
-    assert (q.colour, q.noun, q.superlative) == (None, "triangle", ("x", "min"))
+    assert (q.colours, q.noun, q.superlative) == (None, "triangle", ("x", "min"))
     q = parse_target("the blue shape")
-    assert (q.colour, q.noun, q.superlative, q.what) == ("blue", None, None, "blue object")
+    assert (q.colours, q.noun, q.superlative, q.what) == ({"blue"}, None, None, "blue object")
     assert parse_target("the bottommost star").superlative == ("y", "max")
 
 
@@ -211,7 +206,7 @@ def test_referring_expressions_pick_the_right_object(shipped: SegmentExpert, sto
         scene, image = put_scene(store, seed)
         OracleDetect.scenes[image] = scene
         for text, j in scene.referring:
-            res = shipped({"image": image, "target": text}, RunContext(store))
+            res = shipped({"image": image, "target": text}, RunContext(store, registry=get_registry()))
             assert len(res.objects) == 1, (text, res.summary)
             m = read_mask(store, res.objects[0].mask)
             best = int(np.argmax([iou(m, o.mask) for o in scene.objects]))
@@ -227,7 +222,7 @@ def test_targets_on_one_image_run_detect_once(store: ArtifactStore, oracle_regis
     scene, image = put_scene(store, 11)
     OracleDetect.scenes[image] = scene
     for text, _ in scene.referring[:4]:
-        expert({"image": image, "target": text}, RunContext(store))
+        expert({"image": image, "target": text}, RunContext(store, registry=get_registry()))
     assert OracleDetect.calls == 1
 
 
@@ -250,8 +245,38 @@ def test_unresolvable_target_is_an_empty_result(shipped: SegmentExpert, store: A
     OracleDetect.scenes[image] = scene
     missing = next(s for s in ("circle", "square", "triangle", "hexagon", "star")
                    if s not in {o.shape for o in scene.objects})
-    res = shipped({"image": image, "target": f"the {missing}"}, RunContext(store))
+    res = shipped({"image": image, "target": f"the {missing}"}, RunContext(store, registry=get_registry()))
     assert res.objects == [] and res.artifacts == [] and f"no {missing} found" in res.summary
+
+
+def test_colour_and_class_synonyms_ground_like_detect(shipped: SegmentExpert, store: ArtifactStore,
+                                                     oracle_registry: Registry) -> None:
+    # one vocabulary (experts.referring): "crimson" is red and a "ball" a circle, to segment as to detect
+    seed = next(s for s in range(100) if any(t == "the red circle" for t, _ in make_scene(s).referring))
+    scene, image = put_scene(store, seed)
+    OracleDetect.scenes[image] = scene
+    j = dict(scene.referring)["the red circle"]
+    try:
+        for text in ("the crimson circle", "the scarlet ball"):
+            res = shipped({"image": image, "target": text}, RunContext(store, registry=get_registry()))
+            assert len(res.objects) == 1, res.summary
+            assert iou(read_mask(store, res.objects[0].mask), scene.objects[j].mask) >= 0.7, res.grounding
+    finally:
+        shipped._grounding_memo.clear()  # the oracle's boxes must not stand in for the real detector's later
+
+
+def test_target_without_detect_is_a_clear_error(shipped: SegmentExpert, store: ArtifactStore,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import switchboard.registry as registry_module
+
+    reg = Registry()
+    reg.register(SegmentExpert, "test")
+    monkeypatch.setattr(registry_module, "_registry", reg)
+    monkeypatch.setattr(reg, "_instances", {"segment": shipped})
+    _, image = put_scene(store, 7)
+    shipped._grounding_memo.clear()  # detect's boxes for this image from earlier tests
+    with pytest.raises(CallFailed, match="segment: cannot ground a text target: the detect expert is not installed"):
+        execute_call(reg, store, "segment", {"image": image, "target": "the red circle"}, call_id="c1")
 
 
 def test_real_detect_grounds_the_red_circle(shipped: SegmentExpert, store: ArtifactStore,
@@ -268,7 +293,7 @@ def test_real_detect_grounds_the_red_circle(shipped: SegmentExpert, store: Artif
     seed = next(s for s in range(100) if any(t == "the red circle" for t, _ in make_scene(s).referring))
     scene, image = put_scene(store, seed)
     j = dict(scene.referring)["the red circle"]
-    res = shipped({"image": image, "target": "the red circle"}, RunContext(store))
+    res = shipped({"image": image, "target": "the red circle"}, RunContext(store, registry=get_registry()))
     assert len(res.objects) == 1, res.summary
     assert iou(read_mask(store, res.objects[0].mask), scene.objects[j].mask) >= 0.7, res.grounding
 
@@ -300,12 +325,12 @@ def test_second_prompt_on_same_image_skips_the_encoder(store: ArtifactStore) -> 
     expert.ensure_setup()
     seen = _count_encoder_images(expert)
     ids = [put_scene(store, s)[1] for s in (7, 11, 12)]
-    expert({"image": ids[0], "points": [[500, 500]]}, RunContext(store))
-    expert({"image": ids[0], "points": [[200, 700]]}, RunContext(store))
+    expert({"image": ids[0], "points": [[500, 500]]}, RunContext(store, registry=get_registry()))
+    expert({"image": ids[0], "points": [[200, 700]]}, RunContext(store, registry=get_registry()))
     assert seen == [1], "the second prompt on the same image must reuse the embedding"
-    expert({"image": ids[1], "points": [[500, 500]]}, RunContext(store))
-    expert({"image": ids[2], "points": [[500, 500]]}, RunContext(store))  # evicts ids[0] (size 2)
-    expert({"image": ids[0], "points": [[500, 500]]}, RunContext(store))
+    expert({"image": ids[1], "points": [[500, 500]]}, RunContext(store, registry=get_registry()))
+    expert({"image": ids[2], "points": [[500, 500]]}, RunContext(store, registry=get_registry()))  # evicts ids[0] (size 2)
+    expert({"image": ids[0], "points": [[500, 500]]}, RunContext(store, registry=get_registry()))
     assert seen == [1, 1, 1, 1]
     assert expert.cache.hits == 1 and len(expert.cache) == 2
 
@@ -317,7 +342,7 @@ def test_run_batch_encodes_distinct_images_once(store: ArtifactStore) -> None:
     expert.ensure_setup()
     seen = _count_encoder_images(expert)
     a, b = put_scene(store, 7)[1], put_scene(store, 11)[1]
-    items = [(SegmentArgs(image=i, points=[[500, 500]]), RunContext(store, call_id=f"c{n}"))
+    items = [(SegmentArgs(image=i, points=[[500, 500]]), RunContext(store, call_id=f"c{n}", registry=get_registry()))
              for n, i in enumerate((a, b, a))]
     batch = expert.run_batch(items)
     assert seen == [2], "one encoder pass over the two distinct images"
@@ -358,7 +383,7 @@ def test_official_checkpoint_loads_through_sam_model_registry(tmp_path: Path, st
         from PIL import Image
 
         image = store.put_image(Image.new("RGB", (96, 64), (120, 120, 120))).id
-        res = expert({"image": image, "points": [[500, 500]]}, RunContext(store))
+        res = expert({"image": image, "points": [[500, 500]]}, RunContext(store, registry=get_registry()))
     finally:
         get_settings.cache_clear()
     assert loaded == [str(ckpt)]

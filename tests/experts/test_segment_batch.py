@@ -9,6 +9,7 @@ import pytest
 from experts.segment import WEIGHTS_FILE, SegmentArgs, SegmentExpert
 from switchboard.artifacts import ArtifactStore
 from switchboard.expert import RunContext
+from switchboard.registry import get_registry
 from switchboard.settings import get_settings
 from training.shapes import make_scene
 
@@ -34,7 +35,7 @@ def test_run_batch_matches_run_for_every_prompt_kind(tmp_path: Path) -> None:
         {"image": ids[1], "target": "the largest shape"},
         {"image": ids[1], "boxes": gt, "multimask": True},
     ]
-    items = [(SegmentArgs.model_validate(c), RunContext(store, call_id=f"c{i}")) for i, c in enumerate(calls)]
+    items = [(SegmentArgs.model_validate(c), RunContext(store, call_id=f"c{i}", registry=get_registry())) for i, c in enumerate(calls)]
     batched = SegmentExpert()
     encoded: list[int] = []
     batched.ensure_setup()

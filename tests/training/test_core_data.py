@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from orchestrator.commands import parse, validate
 from orchestrator.core.format import render
-from switchboard.expert import Example, Expert, ExpertResult, ImageRef
+from switchboard.expert import Example, Expert, ExpertResult, ImageRef, NamedValues, Simulation
 from switchboard.registry import Registry
 from training import core_data as D
 
@@ -27,6 +27,17 @@ def _registry(*extra: type[Expert]) -> Registry:
     return reg
 
 
+def _verbs() -> dict[str, D.Verbs]:
+    """Every list of verbs the built-in data uses: the built-in experts' own, and the chains'."""
+    from experts.crop import CropExpert
+    from experts.detect import DetectExpert
+    from experts.generate import GenerateExpert
+    from experts.segment import SegmentExpert
+
+    out = {cls.name: D.expert_verbs(cls) for cls in (CropExpert, DetectExpert, GenerateExpert, SegmentExpert)}
+    return {**out, "remove": D.REMOVE_VERBS, "recolour": D.RECOLOUR_VERBS}
+
+
 def _gen(reg=None, split="train", seed=0, planned=True):
     return D.Generator(reg if reg is not None else _registry(), split=split, seed=seed, n_scenes=N_SCENES,
                        planned=planned)
@@ -34,7 +45,7 @@ def _gen(reg=None, split="train", seed=0, planned=True):
 
 def test_in_split_partitions_every_list_of_parts():
     for items in (D.FRAMES_IMPERATIVE, D.FRAMES_ANY, D.PREFIXES, D.SUFFIXES, D.TEXT_TASKS, D.DESCRIBE,
-                  *D.SYNONYMS.values(), *(c.requests for c in D.CHAINS)):
+                  *(list(v.listed) for v in _verbs().values()), *(c.requests for c in D.CHAINS)):
         train, held = D.in_split(items, "train"), D.in_split(items, "heldout")
         assert held and train
         assert not set(train) & set(held)
@@ -46,10 +57,11 @@ def test_in_split_partitions_every_list_of_parts():
 
 def test_training_never_uses_held_out_verbs():
     rng = random.Random(0)
-    held = set(D.in_split(D.SYNONYMS["detect"], "heldout"))
-    for verb in D.SYNONYMS["detect"]:
+    detect = _verbs()["detect"]
+    held = set(D.in_split(detect.listed, "heldout"))
+    for verb in detect.listed:
         for _ in range(20):
-            out = D.swap_verb(f"{verb} the {{object}}", "detect", rng, "train")
+            out = D.swap_verb(f"{verb} the {{object}}", detect, rng, "train")
             assert not any(out.startswith(h + " ") for h in held)
 
 
@@ -61,8 +73,8 @@ def _extras():
     yield D.SUFFIXES, D.SUFFIXES_EXTRA
     yield D.DESCRIBE, D.DESCRIBE_EXTRA
     yield D.BACKGROUND, D.BACKGROUND_EXTRA
-    for group, extra in D._VERBS_EXTRA.items():
-        yield D.SYNONYMS[group], extra
+    for verbs in _verbs().values():
+        yield list(verbs.listed), list(verbs.train)
     for c in D.CHAINS:
         yield c.requests, c.extra
     yield D.TEXT_TASKS, D.TEXT_TASKS_EXTRA
@@ -85,7 +97,7 @@ def test_train_only_parts_add_breadth_and_never_reach_the_held_out_split():
         total += len(train) - len(D.in_split(items, "train"))
     assert total > 1000
     # a composed part that contains a held-out one is dropped
-    verbs = D.SYNONYMS["segment"]
+    verbs = list(_verbs()["segment"].listed)
     held_verb = D.in_split(verbs, "heldout")[0]
     assert D.train_only([f"{held_verb} around", "carve out"], verbs) == ["carve out"]
 
@@ -114,8 +126,8 @@ def test_compose_joins_every_combination_once():
 def test_noun_phrase_verbs_only_before_an_object():
     rng = random.Random(1)
     for _ in range(200):
-        out = D.swap_verb("generate an image of {prompt}", "generate", rng, "train", p=1.0)
-        assert not any(out.startswith(v + " an image of") for v in D._VERBS_EXTRA["generate"] if v.endswith(" of"))
+        out = D.swap_verb("generate an image of {prompt}", _verbs()["generate"], rng, "train", p=1.0)
+        assert not any(out.startswith(v + " an image of") for v in _verbs()["generate"].train if v.endswith(" of"))
 
 
 def test_generation_is_deterministic():
@@ -221,6 +233,84 @@ def test_a_plugins_phrasings_add_train_only_breadth_for_its_first_example():
     assert not any(s.source.split(":", 1)[1] in only_phrasings for s in held if s.source.startswith("blur:"))
 
 
+class TintArgs(BaseModel):
+    image: ImageRef
+    hue: int | None = None
+
+
+class TintExpert(Expert):
+    """A plugin that declares every attribute the built-in experts get their breadth from."""
+
+    name = "tint"
+    description = "Tint an image."
+    Args = TintArgs
+    Result = ExpertResult
+    examples = [Example(request="tint the picture", args={"image": "{image}"}),
+                Example(request="tint it warm", args={"image": "{image}", "hue": 30})]
+    verbs = ["tint", "colourise", "wash", "stain"]  # "stain" is held out
+    train_verbs = ["put a tint on", "stain-wash"]  # the second contains the held-out verb: dropped
+    named_values = [NamedValues(arg="hue", values={"red": 0, "green": 120, "blue": 240}, rate=0.6,
+                                requests=["tint it {value}", "give it a {value} wash", "stain it {value}"],
+                                args={"image": "{image}"})]
+
+    @classmethod
+    def simulate(cls, args, scene, rng):
+        return Simulation(summary=f"tinted, hue {args.get('hue', 'auto')}", artifacts=[("image", "tinted")],
+                          answer="Here is the tinted picture.", facts=["tinted"])
+
+
+def test_a_plugin_gets_verbs_named_values_and_simulated_results_as_a_built_in_does():
+    reg = _registry(TintExpert)
+    train = [s for s in _gen(reg, planned=False, seed=1).generate(1500) if s.calls and s.calls[0]["expert"] == "tint"]
+    texts = [s.messages[-1]["content"].lower() for s in train if s.kind == "call"]
+    own = [s.messages[-1]["content"].lower() for s in train
+           if s.kind == "call" and s.source in {"tint:tint the picture", "tint:tint it warm"}]
+    # its verbs: swapped in training (train-only ones too), the held-out one never seen in training
+    assert any("colourise" in t or "wash" in t for t in own)
+    assert any("put a tint on" in t for t in own)
+    assert not any("stain" in t for t in texts)
+    # its named values: the words name the argument, in training only
+    named = [s for s in train if s.kind == "call" and s.source in {"tint:tint it green", "tint:give it a green wash"}]
+    assert named and all(s.calls[0]["args"]["hue"] == "120" for s in named)
+    held = [s for s in _gen(reg, split="heldout", planned=False).generate(600)
+            if s.kind == "call" and s.calls[0]["expert"] == "tint"]
+    assert held and all(s.source in {"tint:tint the picture", "tint:tint it warm"} for s in held)
+    assert sum("stain" in s.messages[-1]["content"].lower() for s in held) > len(held) // 2  # the held-out verb
+    # its simulated results: the tool turn shows its summary, the answer says what it declared
+    fusion = [s for s in _gen(reg, planned=False, seed=2).generate(300, kind="fusion")
+              if s.kind == "fusion" and "tint" in s.messages[-1]["content"] and "failed" not in s.messages[-1]["content"]]
+    assert fusion
+    for s in fusion:
+        assert "tinted, hue" in s.messages[-1]["content"] and "Here is the tinted picture." in s.answer
+        assert "tinted" in s.facts
+
+
+def test_the_generator_names_no_expert_to_phrase_broaden_or_simulate_it():
+    from pathlib import Path
+
+    src = Path(D.__file__).read_text()
+    for name in ("crop", "detect", "segment", "generate", "edit"):
+        assert f'== "{name}"' not in src and "name in SYNONYMS" not in src, name
+
+
+def test_the_contract_checks_the_training_attributes():
+    from switchboard.errors import ExpertDefinitionError
+
+    with pytest.raises(ExpertDefinitionError, match="named_values"):
+        type("BadNamed", (TintExpert,), {"named_values": [NamedValues(arg="strength", values={"a": 1},
+                                                                      requests=["{value}"])]})
+    with pytest.raises(ExpertDefinitionError, match="named_values"):
+        type("BadTemplate", (TintExpert,), {"named_values": [NamedValues(arg="hue", values={"red": 0},
+                                                                         requests=["tint it"])]})
+    with pytest.raises(ExpertDefinitionError, match="does not validate"):
+        type("BadValue", (TintExpert,), {"named_values": [NamedValues(arg="hue", values={"red": "crimson"},
+                                                                      requests=["tint it {value}"])]})
+    with pytest.raises(ExpertDefinitionError, match="verbs"):
+        type("BadVerbs", (TintExpert,), {"verbs": ["tint", 3]})
+    with pytest.raises(ExpertDefinitionError, match="train_verbs"):
+        type("BadTrainVerbs", (TintExpert,), {"train_verbs": "tint"})
+
+
 def test_named_regions_and_numeric_modifiers_are_read_from_the_request():
     from experts.generate import GenerateExpert
 
@@ -247,7 +337,10 @@ def test_named_regions_and_numeric_modifiers_are_read_from_the_request():
 
 
 def test_named_positions_give_the_segment_point_the_words_name():
-    requests = {t.replace("{pos}", p) for t in D.POINT_REQUESTS for p in D.POSITIONS}
+    from experts.segment import SegmentExpert
+
+    nv = SegmentExpert.named_values[0]
+    requests = {t.replace("{value}", p) for t in D.named_requests(SegmentExpert, nv) for p in nv.values}
     samples = [s for s in _gen(seed=5).generate(1500) if s.kind == "call" and s.calls[0]["expert"] == "segment"]
     composed = [s for s in samples if s.source.partition(":")[2] in requests]
     points = {s.calls[0]["args"]["points"] for s in composed}
@@ -264,8 +357,6 @@ def test_named_positions_give_the_segment_point_the_words_name():
                 checked += 1
     assert checked >= 10
     # the composed requests are train-only: none is a held-out segment example, none in the held-out split
-    from experts.segment import SegmentExpert
-
     held_examples = {D._core_words(e.request) for cls in (SegmentExpert, D.planned_experts()["segment"])
                      for e in D.in_split(cls.examples, "heldout")}
     assert not held_examples & {D._core_words(r) for r in requests}

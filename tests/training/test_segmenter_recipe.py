@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experts.segment import CONFIG_FILE, WEIGHTS_FILE, SegmentExpert, load_small_sam
+from experts.sam_model import CONFIG_FILE, WEIGHTS_FILE, load_small_sam
+from experts.segment import SegmentExpert
 from switchboard.artifacts import ArtifactStore
 from switchboard.expert import RunContext
 from training import segmenter

@@ -14,6 +14,24 @@ import pytest
 from tests.workers import sample_experts
 from workers.testing import RedisServer, WorkerProcess, worker_env
 
+
+@pytest.fixture
+def worker_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``workers.app.app``, imported as a worker imports it: with a broker URL (nothing connects to it).
+    What the worker CLI sets on it is put back afterwards."""
+    from switchboard.settings import get_settings
+
+    monkeypatch.setenv("SWITCHBOARD_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    from workers.app import app
+
+    monkeypatch.setattr(app, "switchboard_settings", app.switchboard_settings)
+    try:
+        yield app
+    finally:
+        get_settings.cache_clear()
+
+
 # Short enough that a call whose whole worker died is redelivered within the test, longer than any
 # call these tests run (the longest: the 2 s hard limit of wt_sleepy).
 VISIBILITY_TIMEOUT_S = 3

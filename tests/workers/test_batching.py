@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,30 +156,25 @@ def test_batching_applies_only_off_the_main_thread() -> None:
     assert seen == [True, False]
 
 
-def test_cli_batch_flags_pick_a_threads_pool(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_batch_flags_pick_a_threads_pool(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            worker_app: Any) -> None:
     from switchboard.settings import get_settings
     from workers import cli
-    from workers.app import app
+    from workers.tasks import _settings
 
     monkeypatch.setenv("SWITCHBOARD_EXTRA_EXPERTS", "tests.workers.batch_experts:EchoExpert")
     for var in ("SWITCHBOARD_BATCH_MAX_SIZE", "SWITCHBOARD_BATCH_WINDOW_MS"):
-        # main() sets them in os.environ; setenv first so that monkeypatch puts back what was there
-        # (delenv of an absent variable records nothing to undo)
-        monkeypatch.setenv(var, "1")
-        monkeypatch.delenv(var)
+        monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()
     seen: list[list[str]] = []
-    monkeypatch.setattr(app, "start", lambda argv: seen.append(argv) or 0)
-    try:
-        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--batch-window-ms", "3"]) == 0
-        s = get_settings()
-        assert (s.batch_max_size, s.batch_window_ms) == (8, 3.0)  # what the tasks of this process read
-        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "-c", "16"]) == 0
-        assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--pool", "prefork"]) == 2
-        assert "needs the threads pool" in capsys.readouterr().err
-        assert cli.main(["--experts", "wt_echo", "--batch-max", "0"]) == 2
-    finally:
-        get_settings.cache_clear()
+    monkeypatch.setattr(worker_app, "start", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--batch-window-ms", "3"]) == 0
+    s = _settings()
+    assert (s.batch_max_size, s.batch_window_ms) == (8, 3.0)  # what the tasks of this process read
+    assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "-c", "16"]) == 0
+    assert cli.main(["--experts", "wt_echo", "--batch-max", "8", "--pool", "prefork"]) == 2
+    assert "needs the threads pool" in capsys.readouterr().err
+    assert cli.main(["--experts", "wt_echo", "--batch-max", "0"]) == 2
     first, second = seen
     assert first[first.index("--pool") + 1] == "threads" and first[first.index("--concurrency") + 1] == "8"
     assert second[second.index("--concurrency") + 1] == "16"

@@ -75,11 +75,10 @@ def test_a_pickled_message_is_refused() -> None:
     assert pickle.loads(body) == {"expert": "x"}  # it really was a pickle
 
 
-def test_the_task_is_registered_with_late_acks() -> None:
-    from workers.app import app
+def test_the_task_is_registered_with_late_acks(worker_app: Any) -> None:
     from workers.tasks import ExpertRequest
 
-    task = app.tasks[TASK_NAME]
+    task = worker_app.tasks[TASK_NAME]
     assert task.acks_late and task.reject_on_worker_lost
     assert task.Request is ExpertRequest
 
@@ -161,18 +160,31 @@ def test_cli_refuses_unknown_experts(capsys: pytest.CaptureFixture[str], monkeyp
     assert cli.main(["--experts", "crop", "--concurrency", "0"]) == 2
 
 
-def test_cli_starts_celery_on_the_experts_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_without_a_broker_url_says_to_set_it(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from switchboard.settings import get_settings
-    from workers.app import app
+    from workers.config import BrokerNotConfigured, broker_url
+
+    monkeypatch.delenv("SWITCHBOARD_BROKER_URL", raising=False)
+    monkeypatch.delenv("SWITCHBOARD_EXTRA_EXPERTS", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["--experts", "crop"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert "SWITCHBOARD_BROKER_URL is not set" in capsys.readouterr().err
+    with pytest.raises(BrokerNotConfigured, match="set it"):
+        broker_url(Settings(broker_url=None))
+
+
+def test_cli_starts_celery_on_the_experts_queues(monkeypatch: pytest.MonkeyPatch, worker_app: Any) -> None:
+    from switchboard.settings import get_settings
 
     monkeypatch.setenv("SWITCHBOARD_EXTRA_EXPERTS", sample_experts.SPEC)
     get_settings.cache_clear()
     seen: list[list[str]] = []
-    monkeypatch.setattr(app, "start", lambda argv: seen.append(argv) or 0)
-    try:
-        assert cli.main(["--experts", "wt_make,wt_slow", "-c", "3", "--pool", "solo"]) == 0
-    finally:
-        get_settings.cache_clear()
+    monkeypatch.setattr(worker_app, "start", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["--experts", "wt_make,wt_slow", "-c", "3", "--pool", "solo"]) == 0
     (argv,) = seen
     assert argv[0] == "worker"
     assert argv[argv.index("--queues") + 1] == "wt_make,wt_slow"

@@ -83,7 +83,7 @@ def test_plan_execute_fuse_answer(reg, store, tmp_path) -> None:
     result = events[-1]
     assert isinstance(result, ChatResult)
     assert result.answer == "Here is the top-left quarter: 50x30."
-    assert result.calls[0]["status"] == "done" and result.calls[0]["tool_call"]["function"]["name"] == "crop"
+    assert result.calls[0].status == "done" and result.calls[0].tool_call["function"]["name"] == "crop"
     crop_id = result.artifacts[0]["id"]
     assert store.open_image(crop_id).size == (50, 30)
     stages = [e.stage for e in events if isinstance(e, StageEvent)]
@@ -105,9 +105,9 @@ def test_plan_execute_fuse_answer(reg, store, tmp_path) -> None:
     core.script = script2
     r2 = assistant.run("now the top half of that", conversation_id=result.conversation_id)
     # the grammar refused the stranger's id: whatever the core wrote instead is an id it holds
-    assert r2.calls[0]["status"] == "done" and r2.calls[0]["args"]["image"] == crop_id
-    assert all(c["args"].get("image") != stranger for c in r2.calls)
-    assert all(c["args"]["image"] in {img, crop_id} | {a["id"] for a in result.artifacts} for c in r2.calls[1:])
+    assert r2.calls[0].status == "done" and r2.calls[0].args["image"] == crop_id
+    assert all(c.args.get("image") != stranger for c in r2.calls)
+    assert all(c.args["image"] in {img, crop_id} | {a["id"] for a in result.artifacts} for c in r2.calls[1:])
     assert store.open_image(r2.artifacts[0]["id"]).size == (50, 15)
     conv = assistant.conversations.get(result.conversation_id)
     assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool", "assistant"] * 2
@@ -131,7 +131,7 @@ def test_failed_call_reaches_fusion_and_user(reg, store, tmp_path) -> None:
 
     _, assistant = make(reg, store, tmp_path, script)
     r = assistant.run("crop something", images=[img])
-    assert r.calls[0]["status"] == "invalid" and "region" in r.calls[0]["error"]
+    assert r.calls[0].status == "invalid" and "region" in r.calls[0].error
     assert r.errors and r.errors[0]["code"] == "bad_value"
     assert "c1 crop invalid" in seen[0]
     assert r.answer.startswith("Sorry")

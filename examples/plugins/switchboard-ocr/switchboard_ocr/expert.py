@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from switchboard.expert import Example, Expert, ExpertResult, ImageRef, RunContext, compose
+from switchboard import Example, Expert, ExpertResult, ImageRef, RunContext, compose
 
 if TYPE_CHECKING:
     from PIL import Image
