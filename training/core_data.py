@@ -43,10 +43,9 @@ held-out part; a held-out sample is built from at least one held-out part (its t
 frame). Requests written by people who never saw these parts live in
 ``training/core_heldout_human.jsonl``.
 
-Experts that the design names (detect, segment, generate, edit) are filled in by ``planned_experts()``
-when a registry lacks them (stand-ins with the agreed arguments for detect and segment, the real
-classes for generate and edit); a registered expert of the same name always wins (``data_registry``),
-with its own attributes only.
+The built-in experts (detect, segment, generate, edit) are filled in by ``planned_experts()`` when a
+registry lacks them; a registered expert of the same name always wins (``data_registry``), with its
+own attributes only.
 """
 
 from __future__ import annotations
@@ -60,17 +59,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from orchestrator.commands import Call, format_call, format_value
 from orchestrator.core.format import tool_turn
 from switchboard.expert import (
     EXAMPLE_SLOTS,
-    BoxesRef,
     Example,
     Expert,
-    ExpertResult,
-    ImageRef,
     NamedValues,
     artifact_fields,
     compose,
@@ -94,90 +90,24 @@ def in_split(items: Sequence[Any], split: str) -> list[Any]:
     return [x for i, x in enumerate(items) if (i % 4 == 3) == (split == "heldout")]
 
 
-# -- experts the design names, stood in for until they are registered ------------------------------
+# -- the built-in experts, for registries that lack them ------------------------------------------
 
 
 @lru_cache(maxsize=1)
 def planned_experts() -> dict[str, type[Expert]]:
-    """Stand-ins (never run) for detect and segment with their agreed arguments and examples (their
-    verbs, named values and ``simulate`` are the real classes'); generate and edit."""
+    """The built-in detect, segment, generate and edit classes (never run here: only their declared
+    attributes are read), to fill in for registries that lack them, e.g. a test's crop-only registry."""
     from experts.detect import DetectExpert
-    from experts.segment import SegmentExpert
-
-    class DetectArgs(BaseModel):
-        image: ImageRef
-        query: str = Field(min_length=1, max_length=200, description="What to look for.")
-        confidence: float = Field(default=0.25, ge=0.0, le=1.0, description="Minimum score.")
-
-    class DetectStandIn(DetectExpert):
-        name = "detect"
-        description = "Find objects matching a text query; returns boxes and an overlay."
-        Args = DetectArgs
-        Result = ExpertResult
-        examples = [
-            Example(request="find the {object}", args={"image": "{image}", "query": "{object}"}),
-            Example(request="where is the {object}?", args={"image": "{image}", "query": "{object}"}),
-            Example(request="detect the {object}", args={"image": "{image}", "query": "{object}"}),
-            Example(request="is there a {object} in this picture?", args={"image": "{image}", "query": "{object}"}),
-            Example(request="locate every {object}", args={"image": "{image}", "query": "{object}"}),
-            Example(request="how many {shape}s are there?", args={"image": "{image}", "query": "{shape}"}),
-            Example(request="show me where the {object} is", args={"image": "{image}", "query": "{object}"}),
-            Example(request="how many {colour} {shape}s can you see?",
-                    args={"image": "{image}", "query": "{colour} {shape}"}),
-            Example(request="find the {object}, only if you are sure",
-                    args={"image": "{image}", "query": "{object}", "confidence": 0.6}),
-            Example(request="find anything that might be a {shape}, even if unsure",
-                    args={"image": "{image}", "query": "{shape}", "confidence": 0.1}),
-            Example(request="mark the {object} with a box", args={"image": "{image}", "query": "{object}"}),
-            Example(request="point out the {object}", args={"image": "{image}", "query": "{object}"}),
-            Example(request="count the {colour} shapes", args={"image": "{image}", "query": "{colour} shape"}),
-        ]
-
-    class SegmentArgs(BaseModel):
-        image: ImageRef
-        boxes: BoxesRef | None = Field(default=None, description="Segment inside boxes another call found.")
-        points: list[list[int]] | None = Field(default=None, description="[[x, y], …] on a 0-1000 scale.")
-        target: str | None = Field(default=None, max_length=200, description="What to segment, in words.")
-        multimask: bool = Field(default=False, description="Return several candidate masks.")
-
-        @model_validator(mode="after")
-        def _one_prompt(self) -> SegmentArgs:
-            if sum(x is not None for x in (self.boxes, self.points, self.target)) != 1:
-                raise ValueError("give exactly one of boxes, points or target")
-            return self
-
-    class SegmentStandIn(SegmentExpert):
-        name = "segment"
-        description = "Cut out objects as masks, prompted by boxes, points or a target phrase."
-        Args = SegmentArgs
-        Result = ExpertResult
-        examples = [
-            Example(request="segment the {object}", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="give me a mask of the {object}", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="outline the {object}", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="separate the {object} from the background", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="mask the {object}", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="segment whatever is in the middle", args={"image": "{image}", "points": [[500, 500]]}),
-            Example(request="mask the thing at the top left", args={"image": "{image}", "points": [[250, 250]]}),
-            Example(request="trace the outline of the {object}", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="segment the {object} and give me a few candidate masks",
-                    args={"image": "{image}", "target": "the {object}", "multimask": True}),
-            Example(request="mask the object at the bottom right", args={"image": "{image}", "points": [[750, 750]]}),
-            Example(request="select the {object} precisely", args={"image": "{image}", "target": "the {object}"}),
-            Example(request="isolate the {object}", args={"image": "{image}", "target": "the {object}"}),
-        ]
-
-    # generate and edit exist now: their own classes (whose examples include everything the stand-ins
-    # taught) fill in for registries that lack them, e.g. a test's crop-only registry
     from experts.edit import EditExpert
     from experts.generate import GenerateExpert
+    from experts.segment import SegmentExpert
 
-    return {c.name: c for c in (DetectStandIn, SegmentStandIn, GenerateExpert, EditExpert)}
+    return {c.name: c for c in (DetectExpert, SegmentExpert, GenerateExpert, EditExpert)}
 
 
 def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
-    """The registry the data (and the eval) is generated from: the given/process registry plus
-    stand-ins for planned experts that are not registered (``planned=False`` leaves them out)."""
+    """The registry the data (and the eval) is generated from: the given/process registry plus the
+    built-in experts it lacks (``planned=False`` leaves them out)."""
     from switchboard.registry import Registry, get_registry
 
     base = registry if registry is not None else get_registry()
@@ -187,7 +117,7 @@ def data_registry(registry: Any = None, *, planned: bool = True) -> Any:
     if planned:
         for name, cls in planned_experts().items():
             if name not in reg:
-                reg.register(cls, "switchboard (planned stand-in)")
+                reg.register(cls, "switchboard (built-in, filled in)")
     return reg
 
 

@@ -370,11 +370,11 @@ def test_chains_only_for_registered_experts():
         assert {c["expert"] for c in s.calls} <= {"crop"}
 
 
-def test_planned_stand_ins_fill_missing_experts_and_real_ones_win():
+def test_builtins_fill_missing_experts_and_real_ones_win():
     reg = D.data_registry(_registry())
     assert {"crop", "detect", "segment", "generate", "edit"} <= set(reg.names())
     assert reg.package_of("crop") == "switchboard"
-    assert "stand-in" in reg.package_of("detect")
+    assert "filled in" in reg.package_of("detect")
 
 
 def test_followups_refer_to_the_previous_turns_artifacts():
