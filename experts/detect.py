@@ -16,6 +16,12 @@ segment's text targets use too (``experts.referring``), in three steps:
    name or synonym by cosine similarity, if it is close enough — "round thing", "automobile".
 
 A query that matches no class returns a result whose summary names the classes that exist.
+
+Out of its world: a detector trained on the shapes world (its classes are the shapes world's) checks
+every image with ``experts.domain.check_image`` first. On a photograph (or an image with none of the
+shapes world's colours) it returns no detections, ``out_of_domain=True`` and a summary that says so and
+how to get a real detector, instead of inventing "4 blue stars" in a face; on shapes-world images it
+also drops single detections that are not painted in a saturated colour. Never applied to real weights.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from experts.colour import HUES, read_colour
+from experts.domain import SHAPES_WORLD_CLASSES, DomainCheck, check_image
 from experts.overlay import FONT, draw_boxes
 from experts.referring import LazyEncoder, ParsedQuery, QueryMatcher, QueryPart, pick_one, plural
 from experts.referring import singular as singular  # re-exported: training.core imports it from here
@@ -92,6 +99,13 @@ class DetectResult(ExpertResult):
     boxes: list[list[float]] = Field(default_factory=list, description="Pixel xyxy of each object found.")
     labels: list[str] = Field(default_factory=list, description="'<colour> <class>' of each object.")
     scores: list[float] = Field(default_factory=list, description="Detection confidence of each object.")
+    out_of_domain: bool = Field(
+        default=False, description="True when the embedded shapes-world detector judged the image outside its "
+                                   "world (a photograph): it then returns no objects, and the summary says so.")
+    domain_score: float | None = Field(
+        default=None, description="The shapes-world check's score (pixels no shapes-world image has, relative to "
+                                  "the calibrated limit: above 1 is out of domain; experts.domain); None for real "
+                                  "weights.")
 
 
 @dataclass
@@ -217,6 +231,7 @@ class DetectExpert(Expert):
         self._weights: Path | None = None
         self._imgsz: int = 640
         self._predict_lock = threading.Lock()
+        self.shapes_world = False  # a shapes-world detector: images get the out-of-domain check
 
     # -- loading ------------------------------------------------------------------------------------
     @staticmethod
@@ -241,6 +256,8 @@ class DetectExpert(Expert):
         self._model = model
         self._weights = weights
         self._matcher = QueryMatcher(list(model.names.values()), encoder=LazyEncoder())
+        # the shipped model or a retrained one: the classes say whether it only knows the shapes world
+        self.shapes_world = {str(n) for n in model.names.values()} <= set(SHAPES_WORLD_CLASSES)
 
     def teardown(self) -> None:
         self._model = self._matcher = None
@@ -276,9 +293,13 @@ class DetectExpert(Expert):
         return out
 
     def _finish(self, args: DetectArgs, ctx: RunContext, image: Any, parsed: ParsedQuery,
-                dets: list[Detection]) -> DetectResult:
+                dets: list[Detection], domain: DomainCheck | None) -> DetectResult:
         width, height = image.size
         found: list[Detection] = []
+        if domain is not None:
+            # the shapes-world detector sees shapes everywhere: on an image outside its world it reports
+            # nothing, and inside it only objects painted in a saturated colour (every real one is)
+            dets = [] if domain.out_of_domain else [d for d in dets if domain.supports(d.xyxy)]
         if parsed.ok:
             confident = [d for d in dets if d.score >= args.confidence]
             for part in parsed.parts:
@@ -286,16 +307,36 @@ class DetectExpert(Expert):
                     if d not in found:
                         found.append(d)
             found.sort(key=lambda d: -d.score)
+        ood = domain is not None and domain.out_of_domain
         boxes_art = ctx.save_json({
             "image": args.image, "width": width, "height": height, "query": args.query,
+            **({"out_of_domain": True, "domain_score": domain.score} if ood and domain else {}),
             "boxes": [{"xyxy": d.xyxy, "label": d.label, "shape": d.cls, "colour": d.colour, "score": d.score}
                       for d in found],
         }, kind="boxes", role="boxes")
         overlay_art = ctx.save_image(draw_boxes(image, found), kind="overlay", role="overlay")
         ctx.progress(1.0, f"{len(found)} found")
-        return DetectResult(summary=self._summary(parsed, found, dets, args, width, height),
-                            artifacts=[boxes_art, overlay_art], boxes=[d.xyxy for d in found],
-                            labels=[d.label for d in found], scores=[d.score for d in found])
+        summary = (self.out_of_domain_summary(domain, parsed) if ood and domain else
+                   self._summary(parsed, found, dets, args, width, height))
+        return DetectResult(summary=summary, artifacts=[boxes_art, overlay_art], boxes=[d.xyxy for d in found],
+                            labels=[d.label for d in found], scores=[d.score for d in found], out_of_domain=ood,
+                            domain_score=domain.score if domain is not None else None)
+
+    def out_of_domain_summary(self, domain: DomainCheck, parsed: ParsedQuery | None = None) -> str:
+        """What the call says on an image outside the shapes world: what it is, what the detector
+        knows, how to get a real one; and never a shape it did not return."""
+        assert self._matcher is not None
+        if domain.reason == "photo":
+            what = (f"this looks like a photograph, not a shapes-world scene (out-of-domain score "
+                    f"{domain.score:.2f}; above 1 is out of domain)")
+        else:
+            what = "this image has none of the shapes world's colours (a grayscale photograph or an empty canvas)"
+        unknown = ""
+        if parsed is not None and not parsed.ok:
+            unknown = f"; {', '.join(repr(u) for u in parsed.unmatched)} is not one of its classes"
+        return (f"{what}, so no objects are reported: the embedded detector only knows the shapes world "
+                f"({', '.join(self._matcher.class_names)} in {', '.join(HUES)} on plain backgrounds){unknown}. "
+                "Set SWITCHBOARD_DETECT_WEIGHTS to a real YOLO checkpoint (e.g. yolo11n.pt) to detect real objects")
 
     def _summary(self, parsed: ParsedQuery, found: list[Detection], dets: list[Detection], args: DetectArgs,
                  width: int, height: int) -> str:
@@ -332,14 +373,17 @@ class DetectExpert(Expert):
         assert self._matcher is not None
         items = [(a if isinstance(a, DetectArgs) else DetectArgs.model_validate(a), ctx) for a, ctx in items]
         images = map_on_threads(lambda it: it[1].open_image(it[0].image), items, name="detect-batch")
+        domains: list[DomainCheck | None] = (map_on_threads(check_image, images, name="detect-domain")
+                                             if self.shapes_world else [None] * len(items))
         parsed = [self._matcher.parse(a.query) for a, _ in items]
         for _, ctx in items:
             ctx.progress(0.1, "detecting")
-        todo = [i for i, p in enumerate(parsed) if p.ok]
+        # no forward pass where nothing could be reported: unknown queries, images outside the world
+        todo = [i for i, p in enumerate(parsed) if p.ok and not (domains[i] and domains[i].out_of_domain)]
         conf = min((items[i][0].confidence for i in todo), default=0.25)
         preds = self._predict([images[i] for i in todo], conf=conf)
         dets: list[list[Detection]] = [[] for _ in items]
         for i, d in zip(todo, preds, strict=True):
             dets[i] = d
-        return map_on_threads(lambda i: self._finish(*items[i], images[i], parsed[i], dets[i]), range(len(items)),
-                              name="detect-batch")
+        return map_on_threads(lambda i: self._finish(*items[i], images[i], parsed[i], dets[i], domains[i]),
+                              range(len(items)), name="detect-batch")

@@ -6,6 +6,10 @@ code: point ``SWITCHBOARD_GENERATE_MODEL`` at any diffusers text-to-image folder
 friends); it is loaded with ``AutoPipelineForText2Image.from_pretrained`` on the CPU, or the GPU if one
 is visible, and run with the same arguments.
 
+Out of its world: the embedded generator only draws the shapes world. A prompt that asks for something
+else ("a bus") still gets a drawing (the nearest shapes-world picture), but the summary says what it can
+draw and ``out_of_domain`` is set (``prompt_outside_world``), so an answer never passes it off as a bus.
+
 Same arguments and seed, same image. Step progress goes through ``RunContext.progress`` (workers
 forward it to the orchestrator as progress events).
 """
@@ -45,6 +49,45 @@ class GenerateResult(ExpertResult):
     seed: int = Field(description="The seed used (pass it again to get the same image).")
     size: int = Field(description="Side of the returned image in pixels.")
     model: str = Field(description="Which weights drew it.")
+    out_of_domain: bool = Field(
+        default=False, description="True when the embedded shapes-world generator was asked for something outside "
+                                   "its world: it still drew (the nearest shapes-world picture) and says so.")
+
+
+# What the embedded generator can draw, in words (the shapes world's vocabulary, training/shapes.py).
+WORLD_SHAPES = ("circle", "square", "triangle", "hexagon", "star")
+WORLD_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+_WORLD_WORDS = {
+    *WORLD_SHAPES, *(w + "s" for w in WORLD_SHAPES), *WORLD_COLOURS, "white", "grey", "gray", "light", "dark",
+    "black", "beige", "slate", "background", "backgrounds", "gradient", "noisy", "textured", "plain", "shape",
+    "shapes", "object", "objects", "picture", "image", "scene", "drawing", "big", "small", "large", "little",
+    "tiny", "huge", "left", "right", "top", "bottom", "middle", "centre", "center", "next", "near", "above",
+    "below", "one", "two", "three", "four", "five", "six", "some", "several", "many", "single",
+}
+_FILLER = {"a", "an", "the", "and", "or", "on", "in", "of", "with", "at", "to", "by", "some", "its", "side",
+           "each", "other", "is", "are", "there", "that", "this", "please", "me", "us", "draw", "photo"}
+
+
+def prompt_outside_world(prompt: str) -> list[str]:
+    """The words of ``prompt`` that name nothing of the shapes world ("bus", "sunset"), in order."""
+    import re
+
+    from experts.referring import CLASS_SYNONYMS, COLOUR_WORDS, GENERIC_NOUNS
+
+    # the words detect and segment understand for the same world: colour and shape synonyms ("crimson ball")
+    known = _WORLD_WORDS | set(COLOUR_WORDS) | GENERIC_NOUNS | {
+        w for syns in CLASS_SYNONYMS.values() for syn in syns for w in re.findall(r"[a-z]+", syn)}
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w.removesuffix("s") not in known and w not in known
+                              and w not in _FILLER and len(w) > 1))
+
+
+def world_note(unknown: list[str]) -> str:
+    """The summary's sentence for a prompt outside the embedded generator's world."""
+    return (f"note: {', '.join(repr(w) for w in unknown)} is outside the embedded generator's world; it only "
+            f"draws {', '.join(s + 's' for s in WORLD_SHAPES)} in {', '.join(WORLD_COLOURS)} on grey, white, "
+            "black, beige or slate backgrounds, so this is the nearest shapes-world picture (set "
+            "SWITCHBOARD_GENERATE_MODEL to a diffusers text-to-image folder for anything else)")
 
 
 def model_path(settings: Any) -> Path:
@@ -157,9 +200,12 @@ class GenerateExpert(Expert):
             for i, img in zip(idx, images, strict=True):
                 a, ctx = items[i]
                 art = ctx.save_image(img, kind="image", role="generated")
-                results[i] = GenerateResult(
-                    summary=f"generated a {img.width}x{img.height} image of {a.prompt!r} (seed {seeds[i]})",
-                    artifacts=[art], seed=seeds[i], size=img.width, model=self.model_name)
+                summary = f"generated a {img.width}x{img.height} image of {a.prompt!r} (seed {seeds[i]})"
+                unknown = prompt_outside_world(a.prompt) if self._pixel is not None else []
+                if unknown:
+                    summary += "; " + world_note(unknown)
+                results[i] = GenerateResult(summary=summary, artifacts=[art], seed=seeds[i], size=img.width,
+                                            model=self.model_name, out_of_domain=bool(unknown))
         return [r for r in results if r is not None]
 
     def _draw(self, prompts: list[str], negatives: list[str], seeds: list[int], *, steps: int, guidance: float,

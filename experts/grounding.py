@@ -49,6 +49,8 @@ class Grounder:
         self.runner = runner
         self.memo = memo
         self.confidence = confidence
+        #: detect's own words when it judged the image outside its world (then there is nothing to ground)
+        self.out_of_domain: str | None = None
 
     def ground(self, target: str, image_id: str, image: Image.Image, emb: ImageEmbedding,
                ctx: RunContext) -> tuple[list[float] | None, list[str], str]:
@@ -78,6 +80,10 @@ class Grounder:
                 how = f"no {colour} {q.noun} detected; closest {colour} object"
             else:
                 pool = []
+        self.out_of_domain = self.memo.get(("out_of_domain", image_id))
+        if self.out_of_domain and not cands:
+            # not "no bus found (found: blue star …)": the detector said it cannot see this image
+            return None, [], f"cannot ground {target!r}: {self.out_of_domain}"
         if not pool:
             seen = ", ".join(sorted({c["name"] for c in cands}))
             return None, [], f"no {q.what} found in the image" + (f" (found: {seen})" if seen else "")
@@ -106,6 +112,8 @@ class Grounder:
         except UnknownExpert as e:
             raise TargetUnresolvable("cannot ground a text target: the detect expert is not installed; "
                                      "give boxes or points instead") from e
+        if det.get("out_of_domain"):
+            self.memo.put(("out_of_domain", image_id), str(det.get("summary", "judged the image out of its domain")))
         boxes_art = next((a for a in det.get("artifacts", []) if a.get("kind") == "boxes"), None)
         return list(ctx.read_json(boxes_art["id"]).get("boxes", [])) if boxes_art else []
 

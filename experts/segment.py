@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from experts.domain import check_image
 from experts.grounding import Grounder, mask_colour
 from experts.overlay import draw_masks
 from experts.referring import COLOUR_WORDS
@@ -155,6 +156,10 @@ class SegmentResult(ExpertResult):
     height: int
     objects: list[SegmentedObject] = []
     grounding: str | None = Field(default=None, description="How a text target was resolved.")
+    out_of_domain: bool = Field(
+        default=False, description="True when the image is outside the embedded (shapes-world) models' world: "
+                                   "a text target is then not grounded (no mask) and the summary says why; "
+                                   "box and point prompts still give masks, with a caveat.")
 
 
 # -- the expert -----------------------------------------------------------------------------------------
@@ -273,6 +278,8 @@ class SegmentExpert(Expert):
         self.model_name = ""
         self.encoded_images = 0  # images that went through the image encoder (cache misses)
         self.cpu_encoder_batch = 2
+        self.embedded = False  # set by setup: the small shapes-world SAM (not an official checkpoint)
+        self._domain_memo = LRU(64)  # image artifact id (content-addressed) -> out of the shapes world?
 
     # -- loading ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -282,6 +289,7 @@ class SegmentExpert(Expert):
         if settings.segment_weights is not None and self.weights_dir is None:
             runner = SamRunner(load_official_sam(Path(settings.segment_weights), settings.segment_model_type or "vit_b"))
             self.model_name = f"{settings.segment_model_type or 'vit_b'} ({Path(settings.segment_weights).name})"
+            self.embedded = False
         else:
             directory = self.weights_dir or Path(settings.models_dir) / "segmenter"
             if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
@@ -290,6 +298,7 @@ class SegmentExpert(Expert):
                     "train them with `switchboard train segmenter` or set SWITCHBOARD_SEGMENT_WEIGHTS")
             runner = load_small_runner(directory)
             self.model_name = f"small SAM ({directory.name})"
+            self.embedded = True  # trained on the shapes world: photos get a caveat (experts.domain)
         self.runner = runner
         self.cache.clear()
         self._grounding_memo.clear()
@@ -351,9 +360,11 @@ class SegmentExpert(Expert):
             colour = mask_colour(image, masks[0, int(scores[0].argmax()) if args.multimask else 0], None)
             labels = [f"{colour} object" if colour in COLOUR_WORDS.values() else "object"]
         else:
-            picked, labels, grounding = self._grounder().ground(args.target or "", args.image, image, emb, ctx)
+            grounder = self._grounder()
+            picked, labels, grounding = grounder.ground(args.target or "", args.image, image, emb, ctx)
             if picked is None:
-                return SegmentResult(summary=grounding, prompt="target", width=w, height=h, grounding=grounding)
+                return SegmentResult(summary=grounding, prompt="target", width=w, height=h, grounding=grounding,
+                                     out_of_domain=grounder.out_of_domain is not None)
             masks, scores = self.runner.predict(emb, boxes=np.array([picked], np.float32), multimask=args.multimask)
         ctx.progress(0.8, "masks decoded")
         prompt = "boxes" if args.boxes is not None else "points" if args.points is not None else "target"
@@ -419,6 +430,14 @@ class SegmentExpert(Expert):
         return map_on_threads(finish, range(len(items)), name="segment-batch")
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _out_of_domain(self, image_id: str, image: Image.Image) -> bool:
+        """The shapes-world check of ``image`` (``experts.domain``), once per image."""
+        verdict = self._domain_memo.get(image_id)
+        if verdict is None:
+            verdict = check_image(image).out_of_domain
+            self._domain_memo.put(image_id, verdict)
+        return bool(verdict)
+
     def _grounder(self) -> Grounder:
         """Text targets' grounding with this segmenter and memo (``experts.grounding``)."""
         assert self.runner is not None
@@ -478,9 +497,15 @@ class SegmentExpert(Expert):
         summary = f"{len(objects)} mask{'s' if len(objects) != 1 else ''}: " + ", ".join(parts)
         if grounding:
             summary += f" [{grounding}]"
+        ood = self.embedded and self._out_of_domain(image_id, image)
+        if ood:
+            # SAM-style prompting is legitimate on any image, so the masks stay; but say how far to trust them
+            summary += (" [note: this looks like a photograph and the embedded segmenter was trained on the shapes "
+                        "world only, so these masks may be rough; set SWITCHBOARD_SEGMENT_WEIGHTS to a SAM "
+                        "checkpoint for photographs]")
         ctx.progress(1.0, "done")
         return SegmentResult(summary=summary, artifacts=artifacts, prompt=prompt, width=w, height=h,
-                             objects=objects, grounding=grounding)
+                             objects=objects, grounding=grounding, out_of_domain=ood)
 
     @staticmethod
     def _save_mask(ctx: RunContext, mask: np.ndarray, role: str) -> OutputArtifact:

@@ -2,7 +2,9 @@
 
 With the shipped core (models/core/) it is a short real conversation on the bundled image: the core
 plans, the experts run in-process, the core answers, and a second turn uses the first turn's
-artifacts. Without a core it falls back to a scripted plan through the same dispatcher.
+artifacts. Without a core it falls back to a scripted plan through the same dispatcher. Either way
+it ends on a real photograph (ultralytics' bundled bus.jpg): the embedded detector knows only the
+shapes world, and the demo shows it saying so instead of inventing shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,30 @@ TURNS = ("find the red circle", "now segment it")
 def bundled_image() -> Path:
     """A shapes-world scene (seed 1025): a red square, a purple and an orange triangle, a red circle."""
     return Path(str(files("orchestrator") / "assets" / "demo.png"))
+
+
+def bundled_photo() -> Path | None:
+    """A real photograph that ships with ultralytics (a bus in a street), if it is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / "assets" / "bus.jpg"
+    return path if path.is_file() else None
+
+
+PHOTO_PLAN = '<call id="p1" expert="detect" image="{image}" query="everything"/>'
+
+
+def photo_check(out: Path, settings: Any, names: list[str]) -> int:
+    """detect on a real photograph: the embedded detector says it only knows the shapes world."""
+    photo = bundled_photo()
+    if "detect" not in names or photo is None:
+        return 0
+    print(f"\nA real photograph: {photo}")
+    print("The embedded models only know the shapes world; on a photo they say so instead of inventing shapes:")
+    return run_commands(PHOTO_PLAN, [photo], settings=settings, as_json=False, out=out)
 
 
 def scripted_plan(names: list[str]) -> tuple[str, str]:
@@ -67,6 +93,9 @@ def conversation(out: Path, settings: Any) -> int:
         print(f"Assistant: {result.answer}")
         print_artifacts(export_artifacts(assistant.store, result.artifacts, out, prefix=f"turn{i + 1}-"))
     assistant.dispatcher.close()
+    from switchboard.registry import get_registry
+
+    photo_check(out, settings, get_registry().names())
     print(f"\nArtifacts copied to {out.resolve()}")
     return 0
 
@@ -89,6 +118,7 @@ def main(out: Path = Path("demo-out"), scripted: bool = False) -> int:
         print(f"  {line}")
     print("Running the plan in-process:")
     rc = run_commands(reply, [image], settings=s, as_json=False, out=out)
+    rc = max(rc, photo_check(out, s, names))
     print(f"Artifacts copied to {out.resolve()}" if rc == 0 else "The plan had errors (see above).")
     return rc
 
