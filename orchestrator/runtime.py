@@ -43,5 +43,11 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
         from orchestrator.core.model import CoreModel, default_path
 
         core = CoreModel.load(default_path(s), cache_dir=s.cache_dir)
+    router = None
+    if s.use_router:
+        from orchestrator.core.router import Router
+
+        router = Router.load(s.router_model)
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
+                     router=router,
                      max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)

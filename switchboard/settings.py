@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     segment_cache_size: int = Field(default=16, ge=0, description="Image embeddings the segment expert keeps (LRU).")
     generate_model: Path | None = None
     core_model: Path | None = None
+    router_model: Path | None = Field(
+        default=None, description="The intent router (MiniLM + a small head) that picks the experts of a new "
+        "request before the core writes the calls; default: models/router.")
+    use_router: bool = Field(default=True, description="Route new requests with the router (off: the core "
+                             "alone decides which experts to call).")
     core_prefix_cache: bool = Field(
         default=True, description="The fusion pass reuses the plan pass's KV cache for their shared prompt prefix "
         "(off: it prefills its whole prompt again; replies are the same either way).")

@@ -5,6 +5,7 @@
     switchboard train core --resume              # continue the last run from its checkpoint
     switchboard train core --average A B --out C # C = the weight average of cores A and B (one lineage)
     switchboard eval core --json [--n N]         # held-out templates + human-phrased requests
+    switchboard eval core --set wild --json      # requests written by others (training/wild.py)
 
 Stage 1 (``vision``): the tiny CLIP ViT learns to count objects per colour, shape and colour×shape
 on shapes-world scenes (cheap: minutes on one core). Stage 2 (``tune``): SmolLM2 + LoRA (r 16, all
@@ -796,8 +797,9 @@ def human_samples(registry: Any = None) -> list[Any]:
     return out
 
 
-def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any) -> list[Any]:
-    """A grammar processor allowing the artifact ids these conversations mention (one per batch)."""
+def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, **kw: Any) -> list[Any]:
+    """A grammar processor allowing the artifact ids these conversations mention (one per batch);
+    ``kw`` go to the grammar (``route``, ``allow_calls``)."""
     from orchestrator.core.format import render
     from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
     from switchboard.artifacts import ID_PATTERN
@@ -808,7 +810,7 @@ def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any) -> list[An
             m = ID_PATTERN.match(tok)
             if m:
                 arts[tok] = m.group("kind")
-    return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts), _GRAMMAR_TOKENIZER[0])]
+    return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts, **kw), _GRAMMAR_TOKENIZER[0])]
 
 
 _GRAMMAR_TOKENIZER: list[Any] = []
@@ -872,11 +874,83 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     return res
 
 
+def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_tokens: int = 120,
+                  limit: int | None = None, router: Any = None) -> dict[str, Any]:
+    """The core on the wild set (training/evalsets/wild.jsonl, see training/wild.py): each request
+    with its image attached; the parsed calls' expert sequence is scored. Aggregates only.
+
+    With ``router`` (as ``switchboard chat`` runs it), each request is routed first and the grammar
+    lets the core write exactly the routed calls (or only a plain answer), as the loop does; a route
+    the request cannot serve (an expert that needs an image when none is attached) is not imposed.
+    """
+    from tqdm import tqdm
+
+    from orchestrator.commands import parse
+    from orchestrator.core.grammar import CommandGrammar
+    from orchestrator.core.loop import TOKENS_PER_CALL
+    from training.core_data import data_registry
+    from training.wild import calls_to_sequence, load, resolve_image, score
+
+    registry = data_registry()
+    _GRAMMAR_TOKENIZER[:] = [core.tokenizer]
+    items = load()[:limit] if limit else load()
+    convs: list[tuple[list[dict], dict]] = []
+    for i, it in enumerate(items):
+        msg: dict[str, Any] = {"role": "user", "content": it.request}
+        images = {}
+        if it.image:
+            aid = f"image-{i:024x}"
+            msg["images"] = [aid]
+            images[aid] = resolve_image(it.image)
+        convs.append(([msg], images))
+    routes: list[tuple[str, ...] | None] = [None] * len(items)
+    if router is not None:
+        found = router.route_batch([it.request for it in items], [bool(it.image) for it in items], registry)
+        for i, r in enumerate(found):
+            arts = {a: "image" for a in convs[i][1]}
+            ok = not r.experts or CommandGrammar.from_registry(registry, arts, route=tuple(r.experts)).viable(
+                f'<call id="c1" expert="{r.experts[0]}"')
+            routes[i] = tuple(r.experts) if ok else None
+    # one route per batch (the grammar is shared by a batch's rows), shortest requests together
+    order = sorted(range(len(items)), key=lambda i: (str(routes[i]), len(items[i].request)))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch and routes[batches[-1][0]] == routes[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    preds: dict[int, list[str]] = {}
+    t0 = time.time()
+    for idx in tqdm(batches, desc="eval core (wild)", unit="batch"):
+        group = [convs[i] for i in idx]
+        route = routes[idx[0]]
+        if route is not None:
+            kw = {"route": route} if route else {"allow_calls": False}
+            procs = _grammar_for(group, registry, **kw)
+        else:
+            procs = _grammar_for(group, registry) if grammar else None
+        budget = max(max_new_tokens, TOKENS_PER_CALL * len(route)) if route else max_new_tokens
+        texts = core.generate_batch(group, max_new_tokens=budget, logits_processor=procs)
+        for i, text in zip(idx, texts, strict=True):
+            preds[i] = calls_to_sequence(parse(text).calls)
+    res = score([preds[i] for i in range(len(items))], items)
+    res["routed"] = sum(r is not None for r in routes)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
 def main_eval(argv: list[str]) -> int:
-    """``switchboard eval core [--json] [--n N] [--model PATH]``: held-out templates + human phrasings."""
+    """``switchboard eval core [--json] [--n N] [--model PATH] [--set {heldout,wild}]``: held-out
+    templates + human phrasings, or the wild set (training/evalsets/wild.jsonl)."""
     p = argparse.ArgumentParser(prog="switchboard eval core", description="Evaluate the core on held-out "
                                 "templates and phrasings never used in training, and on human-phrased requests.")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--set", dest="eval_set", choices=["heldout", "wild"], default="heldout",
+                   help="heldout (default): held-out templates + human phrasings; wild: requests written by "
+                   "others (training/evalsets/wild.jsonl), expert sequences scored by training/wild.py")
+    p.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --set wild: route each request first, as `switchboard chat` does (default on)")
+    p.add_argument("--router-model", type=Path, default=None, help="router directory (default: models/router)")
     p.add_argument("--n", type=int, default=200, help="held-out template samples (default 200)")
     p.add_argument("--model", type=Path, default=None, help="core directory (default: the shipped core)")
     p.add_argument("--no-human", action="store_true", help="skip the human-phrased set")
@@ -897,6 +971,17 @@ def main_eval(argv: list[str]) -> int:
     from orchestrator.core.model import CoreModel
 
     core = CoreModel.load(a.model)
+    if a.eval_set == "wild":
+        router = None
+        if a.router:
+            from orchestrator.core.router import Router
+
+            router = Router.load(a.router_model)
+        res = evaluate_wild(core, batch=a.batch, grammar=a.grammar, max_new_tokens=a.max_new_tokens, router=router)
+        res["router"] = str(a.router_model or "models/router") if router is not None else None
+        res["decoding"] = "grammar" if a.grammar else "unconstrained"
+        print(json.dumps(res) if a.json else "\n".join(f"{k:28s} {v}" for k, v in res.items()))
+        return 0
     res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
                    max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed)
     res["decoding"] = "grammar" if a.grammar else "unconstrained"

@@ -141,6 +141,9 @@ class CommandGrammar:
     artifacts: dict[str, str] = field(default_factory=dict)  # artifact id -> kind
     max_calls: int = 16
     allow_calls: bool = True
+    #: When set, the reply is exactly these calls, in this order, and nothing else (the router's plan):
+    #: the core writes only their ids and arguments.
+    route: tuple[str, ...] | None = None
 
     @classmethod
     def from_registry(cls, registry: Any, artifacts: dict[str, str] | None = None, **kw: Any) -> CommandGrammar:
@@ -201,7 +204,14 @@ class CommandGrammar:
         """Advance ``state`` over ``text`` in place; False as soon as the reply stops being viable."""
         for ch in text:
             m = state.mode
-            if m == TEXT:
+            if m == TEXT and self.route is not None:
+                if ch in " \n":
+                    continue
+                if ch != "<" or state.calls >= len(self.route):
+                    return False
+                state.mode, state.lit, state.then = LIT, 'call id="', ID
+                state.buf = ""
+            elif m == TEXT:
                 if ch == "<":
                     if not self.allow_calls or state.calls >= self.max_calls:
                         return False
@@ -228,10 +238,10 @@ class CommandGrammar:
                     return False
             elif m == EXPERT:
                 if ch == '"':
-                    if state.buf not in self.experts or not self._expert_ok(state.buf, state):
+                    if state.buf not in self._names(state) or not self._expert_ok(state.buf, state):
                         return False
                     state.expert, state.used, state.mode = state.buf, (), AFTER
-                elif any(n.startswith(state.buf + ch) and self._expert_ok(n, state) for n in self.experts):
+                elif any(n.startswith(state.buf + ch) and self._expert_ok(n, state) for n in self._names(state)):
                     state.buf += ch
                 else:
                     return False
@@ -281,8 +291,14 @@ class CommandGrammar:
     def viable(self, text: str) -> bool:
         return self.feed(self.start(), text)
 
+    def _names(self, state: State) -> Iterable[str]:
+        """The experts the next call may name: any registered one, or the routed one."""
+        if self.route is None:
+            return self.experts
+        return [n for n in self.route[state.calls:state.calls + 1] if n in self.experts]
+
     def can_end(self, state: State) -> bool:
-        return state.mode == TEXT
+        return state.mode == TEXT and (self.route is None or state.calls >= len(self.route))
 
     def complete(self, text: str) -> bool:
         s = self.start()
@@ -333,7 +349,7 @@ class GrammarLogitsProcessor:
                     ok = self.grammar.can_end(state)
                 else:
                     text = self.token_text[tid]
-                    if state.mode == TEXT and "<" not in text:
+                    if state.mode == TEXT and self.grammar.route is None and "<" not in text:
                         ok = True
                     else:
                         ok = self.grammar.feed(state.copy(), text)

@@ -2,11 +2,15 @@
 
 1. **plan** — the core reads the conversation (and its images) and writes a reply; decoding is
    constrained by the registry's grammar, so commands are well formed and address only artifacts
-   this conversation holds.
+   this conversation holds. With a router (``orchestrator.core.router``), a new request is routed
+   first: the router picks the expert sequence (or none) from the request's meaning, and the grammar
+   then lets the core write exactly those calls (or only a plain answer); the core fills in the ids
+   and arguments. Follow-ups in a conversation ("now remove it") are planned by the core alone.
 2. **execute** — the reply's calls are validated and run by the dispatcher (in-process or Celery);
    call events (queued, started, progress, done, failed) are forwarded as they happen.
 3. **fuse** — a ``tool`` turn with one line per call (summary or error, artifact ids) is appended,
-   and the core writes the final answer (no calls allowed in it). Its prompt begins with the plan
+   and the core writes the final answer (no calls allowed in it), which is checked against the calls
+   (``fusion``: a claim they do not support turns it into their own summaries). Its prompt begins with the plan
    pass's prompt and reply, so a core that offers ``new_prefix_cache()`` starts from the plan pass's
    keys and values and prefills only the tool turn (``reuse_prefix``; same answer, less latency).
 4. **answer** — the reply with the answer, the calls (as OpenAI ``tool_calls``) and the artifacts.
@@ -17,13 +21,15 @@ following turns ("now remove it").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from orchestrator.commands import parse, validate
 from orchestrator.core.format import tool_turn
+from orchestrator.core.fusion import faithful_answer
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
 from orchestrator.dispatch import Dispatcher
 from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent, pump
@@ -43,9 +49,14 @@ class ChatResult(BaseModel):
     calls: list[CallRecord]  # one per call of the plan, in reply order (invalid ones included)
     errors: list[dict[str, Any]]
     artifacts: list[dict[str, Any]]  # id, kind, role, call_id
+    route: list[str] | None = None  # the router's expert sequence for this turn ([] = answer directly)
+    # why the core's drafted answer was replaced by the calls' own summaries (empty: it was not)
+    corrections: list[str] = Field(default_factory=list)
 
 
 Event = StageEvent | TextEvent | CallEvent | ChatResult
+#: generation budget per routed call (an artifact id alone is ~24 tokens)
+TOKENS_PER_CALL = 80
 
 
 class Assistant:
@@ -53,7 +64,7 @@ class Assistant:
 
     def __init__(self, core: Any, registry: Any, store: ArtifactStore, dispatcher: Dispatcher,
                  conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
-                 max_calls: int = 16, reuse_prefix: bool = True) -> None:
+                 max_calls: int = 16, reuse_prefix: bool = True, router: Any = None) -> None:
         self.core = core
         self.registry = registry
         self.store = store
@@ -63,6 +74,7 @@ class Assistant:
         self.history_messages = history_messages
         self.max_calls = max_calls
         self.reuse_prefix = reuse_prefix
+        self.router = router
 
     # -- pieces -----------------------------------------------------------------------------------
     def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
@@ -79,20 +91,48 @@ class Assistant:
         make = getattr(self.core, "new_prefix_cache", None)
         return make() if self.reuse_prefix and make is not None else None
 
+    def _route(self, conv: Conversation, message: str, images: list[str]) -> tuple[str, ...] | None:
+        """The router's expert sequence for this message, or None when the core plans on its own.
+
+        The router reads one request, so it is asked on a conversation's first turn and whenever a
+        message brings an image (a new task); follow-ups are left to the core, which reads the whole
+        conversation. A route the conversation cannot serve (an expert that needs an image when there
+        is none) is not imposed.
+        """
+        if self.router is None:
+            return None
+        first_turn = not any(m["role"] == "assistant" for m in conv.messages)
+        if not (first_turn or images):
+            return None
+        has_image = any(kind == "image" for kind in conv.artifacts.values())
+        route = self.router.route(message, has_image=has_image, registry=self.registry).experts
+        if route:
+            grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, route=tuple(route))
+            if not grammar.viable(f'<call id="c1" expert="{route[0]}"'):
+                return None
+        return tuple(route)
+
     def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
-                  emit: Callable[[Event], None], prefix_cache: Any = None) -> str:
+                  emit: Callable[[Event], None], prefix_cache: Any = None,
+                  route: tuple[str, ...] | None = None) -> str:
         messages = self._prompt_messages(conv)
+        if route is not None and not route:
+            allow_calls, route = False, None  # routed to a plain answer
         grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, allow_calls=allow_calls,
-                                               max_calls=self.max_calls)
+                                               max_calls=self.max_calls, route=route)
         processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
         extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
-        return self.core.generate(messages, self._images(messages), max_new_tokens=self.max_new_tokens,
+        # a routed chain must fit: each call copies an artifact id (~24 tokens) and its arguments
+        budget = max(self.max_new_tokens, TOKENS_PER_CALL * len(route)) if route else self.max_new_tokens
+        return self.core.generate(messages, self._images(messages), max_new_tokens=budget,
                                   logits_processor=[processor], on_text=lambda t: emit(TextEvent(type=phase, text=t)),
                                   **extra)
 
     def plan(self, conv: Conversation) -> str:
-        """The core's reply for the conversation as it stands (not executed)."""
-        return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None).strip()
+        """The core's reply for the conversation as it stands (not executed), routed as ``run`` would."""
+        last = conv.messages[-1] if conv.messages and conv.messages[-1]["role"] == "user" else None
+        route = self._route(conv, str(last["content"]), list(last.get("images") or [])) if last else None
+        return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None, route=route).strip()
 
     # -- the whole turn ---------------------------------------------------------------------------
     def run(self, message: str, *, images: list[str] | None = None, conversation_id: str | None = None,
@@ -102,11 +142,14 @@ class Assistant:
         conv = self.conversations.get(conversation_id) if conversation_id else self.conversations.create()
         for image_id in images or []:
             conv.add_artifact(image_id, self.store.get(image_id).kind)
+        route = self._route(conv, message, list(images or []))
         conv.messages.append({"role": "user", "content": message, "images": list(images or [])})
 
         emit(StageEvent(stage="planning"))
         prefix_cache = self._prefix_cache()
-        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache).strip()
+        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache,
+                               route=route).strip()
+        routed = list(route) if route is not None else None
         parsed = parse(reply)
         validated = validate(parsed, self.registry, max_calls=self.max_calls,
                              artifact_exists=lambda i: i in conv.artifacts)
@@ -114,7 +157,8 @@ class Assistant:
         if not parsed.calls and not parsed.errors:
             conv.messages.append({"role": "assistant", "content": reply})
             self.conversations.save(conv)
-            result = ChatResult(conversation_id=conv.id, answer=reply, plan=reply, calls=[], errors=[], artifacts=[])
+            result = ChatResult(conversation_id=conv.id, answer=reply, plan=reply, calls=[], errors=[], artifacts=[],
+                                route=routed)
             emit(StageEvent(stage="done"))
             emit(result)
             return result
@@ -141,12 +185,17 @@ class Assistant:
         conv.messages.append({"role": "tool", "content": tool_turn(lines)})
 
         emit(StageEvent(stage="answering"))
-        answer = self._generate(conv, allow_calls=False, phase="answer", emit=emit,
-                                prefix_cache=prefix_cache).strip()
+        # The answer is checked against the calls before anyone sees it (fusion.faithful_answer), so
+        # it is sent once checked (word by word), not as the core writes it.
+        drafted = self._generate(conv, allow_calls=False, phase="answer", emit=lambda e: None,
+                                 prefix_cache=prefix_cache).strip()
+        answer, corrections = faithful_answer(drafted, calls)
+        for piece in re.findall(r"\s*\S+", answer):
+            emit(TextEvent(type="answer", text=piece))
         conv.messages.append({"role": "assistant", "content": answer})
         self.conversations.save(conv)
         result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=calls, errors=errors,
-                            artifacts=artifacts)
+                            artifacts=artifacts, route=routed, corrections=corrections)
         emit(StageEvent(stage="done"))
         emit(result)
         return result

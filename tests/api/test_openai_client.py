@@ -81,7 +81,8 @@ def test_streamed(client) -> None:
     assert content.startswith("Here is the crop.\n\n![crop 1 (c1)](")
     answer_deltas = [c for c in chunks if c.choices and c.choices[0].delta.content and not
                      c.choices[0].delta.tool_calls]
-    assert len(answer_deltas) > 5  # streamed token by token, not in one piece
+    # checked against the calls first (orchestrator/core/fusion.py), then streamed word by word
+    assert len(answer_deltas) >= len("Here is the crop.".split())
     final = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     (tc,) = final[0].choices[0].delta.tool_calls
     assert tc.index == 0 and tc.function.name == "crop" and extra(tc, "status") == "done"

