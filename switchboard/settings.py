@@ -52,8 +52,19 @@ class Settings(BaseSettings):
     worker_max_deliveries: int = Field(
         default=3, ge=1, description="A call whose worker dies this many times is dead-lettered.")
     broker_visibility_timeout_s: float | None = Field(
-        default=None, gt=0, description="Seconds before a call held by a vanished worker is redelivered; "
-        "default: the longest hard time limit of any expert + 60 s. Must exceed every call's run time.")
+        default=None, gt=0, description="Safety net: seconds before a call held by a worker is redelivered "
+        "whatever its liveness says; default: the longest hard time limit of any expert + 60 s. Must exceed "
+        "every call's run time (dead workers are found sooner by their heartbeats).")
+    queue_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long a call may wait in its queue for a worker before the "
+        "orchestrator gives up on it (\"queued N s in queue 'q', M call(s) waiting there; no worker free …\"); "
+        "separate from the time it may run, which is its expert's time limit.")
+    broker_timeout_s: float = Field(
+        default=3.0, gt=0, description="How long the orchestrator waits for the broker (submit, give up on a "
+        "call, read queue depths) before reporting that it cannot be reached.")
+    worker_liveness_timeout_s: float = Field(
+        default=4.0, ge=1, description="A worker whose heartbeat (every second) is missing this long is "
+        "dead: another worker puts the calls it held back at the front of their queues.")
     extra_experts: str = Field(
         default="", description="Comma-separated module:Class experts to register besides the entry points "
         "(development and tests; plugins use the switchboard.experts entry-point group).")

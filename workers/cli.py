@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each pool process loads an expert's model on its first call and keeps it. Time limits are "
                "enforced by the prefork pool only (Celery does not enforce them in solo or threads pools). "
                "With --batch-max, every call the worker holds shares one process: if it dies, all of them "
-               "are redelivered (after the broker's visibility timeout) and each counts a death.")
+               "are put back in their queues within seconds (its heartbeat stops) and each counts a death.")
     p.add_argument("--experts", default="all",
                    help="comma-separated expert names, or 'all' for every registered expert (default)")
     p.add_argument("--concurrency", "-c", type=int, default=None,

@@ -17,6 +17,11 @@ What the configuration guarantees, and why:
 - Task events on, so Flower shows the calls. The worker sends them in batches (``task.multi``
   messages, which Flower and every Celery event receiver read) at most ``EVENT_FLUSH_INTERVAL_S``
   after they happen, rather than one Redis PUBLISH per event (three per call).
+- A worker that dies is noticed by its heartbeat (workers.liveness) and the calls it held are put back
+  at the front of their queues within seconds; the visibility timeout (the longest hard limit + 60 s)
+  is the safety net behind it. A call whose pool process died goes to the front of its queue too.
+- Workers reconnect to Redis with at most ``RECONNECT_MAX_S`` between tries (Celery's default backoff
+  grows by 2 s a try).
 - A dead pool process is noticed within 0.5 s (PoolWatch), kombu's Redis transport reuses its
   client objects (workers.transport), and a task state is stored in one round trip
   (workers.backend): all take time off every call.
@@ -25,13 +30,15 @@ What the configuration guarantees, and why:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from switchboard.settings import Settings
 from workers import backend, transport
+from workers.liveness import Heartbeat
 from workers.routing import load_extra_experts, max_hard_limit, queue_for
 
 transport.install()
@@ -46,9 +53,12 @@ DELIVERIES_KEY = "switchboard:deliveries:{task_id}:{retries}"
 # on a channel of the same name; the queued dispatcher listens there (no global key prefix is set).
 RESULT_KEY_PREFIX = "celery-task-meta-"
 # How much longer than the longest hard time limit a call may stay unacknowledged before it is
-# handed to another worker (only matters when a whole worker vanishes; a dead pool process is
-# noticed by its parent and the call is requeued at once).
+# handed to another worker whatever its holder's heartbeat says: the safety net behind liveness
+# (workers.liveness), which finds a dead worker in seconds.
 VISIBILITY_MARGIN_S = 60.0
+# Worker reconnect backoff: first try at once-ish, then every RECONNECT_MAX_S.
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 1.0
 
 
 class BrokerNotConfigured(ValueError):
@@ -136,6 +146,18 @@ def celery_config(settings: Settings, registry: Any, *, producer: bool = False) 
             return {"queue": queue_for(registry, expert)}
         return None
 
+    transport_options = {
+        "visibility_timeout": vis,
+        # Sweep for calls of vanished workers often enough that the timeout above is what counts.
+        "unacked_restore_interval": int(max(1, min(10, vis / 10))),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
+    if producer:
+        # The orchestrator never waits on a broker that is down for longer than this (a submit fails).
+        transport_options.update(socket_connect_timeout=settings.broker_timeout_s,
+                                 socket_timeout=settings.broker_timeout_s)
     return {
         "broker_url": broker_url(settings),
         # The orchestrator reads results itself (workers.dispatch); without a backend object here,
@@ -162,18 +184,11 @@ def celery_config(settings: Settings, registry: Any, *, producer: bool = False) 
         "task_routes": (route,),
         "task_default_queue": "switchboard",
         "task_create_missing_queues": True,
-        "broker_transport_options": {
-            "visibility_timeout": vis,
-            # Sweep for calls of vanished workers often enough that the timeout above is what counts.
-            "unacked_restore_interval": int(max(1, min(10, vis / 10))),
-            "unacked_restore_throttle": 1,
-            "socket_connect_timeout": 5,
-            "socket_keepalive": True,
-        },
+        "broker_transport_options": transport_options,
         "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_connection_timeout": 5,
+        "broker_connection_timeout": settings.broker_timeout_s if producer else 5,
         # A call running while the broker connection drops goes on; its result is stored, and if
         # its ack is lost the redelivered message finds that result instead of running again.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
@@ -182,7 +197,7 @@ def celery_config(settings: Settings, registry: Any, *, producer: bool = False) 
                                       "interval_max": 1.0},
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
-        "result_backend_max_sleep_between_retries_ms": 2000,
+        "result_backend_max_sleep_between_retries_ms": int(RECONNECT_MAX_S * 1000),
         "redis_retry_on_timeout": True,
         "redis_socket_keepalive": True,
         "redis_socket_connect_timeout": 5,
@@ -268,6 +283,18 @@ class BatchedTaskEvents(bootsteps.StartStopStep):
     shutdown = stop
 
 
+class Consumer(CeleryConsumer):
+    """Celery's worker consumer, reconnecting to the broker with at most ``RECONNECT_MAX_S`` between tries.
+
+    Celery retries at +2, +4, +6 … s (kombu's defaults), so a worker came back 4-5 s after a 2 s outage.
+    """
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = partial(conn.ensure_connection, interval_start=RECONNECT_FIRST_S,
+                                         interval_step=RECONNECT_MAX_S, interval_max=RECONNECT_MAX_S)
+        return super().ensure_connected(conn)
+
+
 def create_app(settings: Settings, registry: Any = None, *, producer: bool = False) -> Celery:
     """A configured Celery app. Workers use the module-level ``app``; dispatchers make their own.
 
@@ -281,7 +308,9 @@ def create_app(settings: Settings, registry: Any = None, *, producer: bool = Fal
     app.switchboard_settings = settings
     if not producer:
         app.conf.include = ["workers.tasks"]
+        app.conf.worker_consumer = f"{__name__}:Consumer"
         app.steps["worker"].add(PoolWatch)
+        app.steps["worker"].add(Heartbeat)
         app.steps["consumer"].add(BatchedTaskEvents)
     return app
 

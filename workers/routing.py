@@ -16,8 +16,12 @@ from switchboard.expert import Expert
 HARD_LIMIT_GRACE_MIN_S = 1.0
 HARD_LIMIT_GRACE_MAX_S = 30.0
 # Time a result takes from the worker to the orchestrator after the hard limit; the orchestrator
-# waits soft + grace + this before it gives up on a call (queue wait included).
+# waits hard + this from a call's start before it gives up on it (queue time is counted apart:
+# SWITCHBOARD_QUEUE_TIMEOUT_S).
 RESULT_GRACE_S = 2.0
+# The longest backoff before a transient error's retry (workers.tasks); the orchestrator allows it on
+# top of the queue time of the retry.
+RETRY_MAX_S = 8.0
 
 
 def _with_grace(soft: float) -> tuple[float, float]:
@@ -31,7 +35,7 @@ def time_limits(cls: type[Expert], call_timeout_s: float) -> tuple[float, float]
 
 
 def orchestrator_deadline(cls: type[Expert], call_timeout_s: float) -> float:
-    """Seconds after submitting a call of ``cls`` when the orchestrator stops waiting for it."""
+    """Seconds after a call of ``cls`` started when the orchestrator stops waiting for its result."""
     return time_limits(cls, call_timeout_s)[1] + RESULT_GRACE_S
 
 
@@ -59,5 +63,5 @@ def max_hard_limit(registry: Any, call_timeout_s: float) -> float:
 # Kept here for workers' callers; the registry itself loads SWITCHBOARD_EXTRA_EXPERTS now.
 from switchboard.registry import load_extra_experts, parse_extra_experts  # noqa: E402
 
-__all__ = ["load_extra_experts", "parse_extra_experts", "max_hard_limit", "orchestrator_deadline", "queue_for",
+__all__ = ["RETRY_MAX_S", "load_extra_experts", "parse_extra_experts", "max_hard_limit", "orchestrator_deadline", "queue_for",
            "queues_for", "time_limits"]

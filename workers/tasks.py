@@ -3,13 +3,15 @@
 A message carries ``expert``, ``args`` (JSON, artifact ids, never pixels), ``call_id`` and
 ``conversation_id``. The task:
 
+0. checks that the call is still wanted: a call the orchestrator has given up on (REVOKED stored,
+   or its queue or run deadline, carried in the message, has passed) is not run, and says so in the
+   log. The check is atomic with the orchestrator's own give-up (workers.backend), so a call is
+   either started in time or reported failed, never both;
 1. counts this delivery in Redis (``switchboard:deliveries:<task id>:<retry>``). Late acks plus
    reject-on-worker-lost deliver a call again whenever its worker dies, so a call that kills every
    worker it lands on would loop forever; after ``worker_max_deliveries`` deaths it is pushed to
    the Redis list ``switchboard:dead`` and fails with "… killed its worker N times; dead-lettered".
-   A redelivered message waits for the count (and the check below) before it runs; a first
-   delivery has nothing to check, so it sends the count with STARTED and runs while they travel
-   (workers.backend);
+   The count, the checks of 0 and 2 and STARTED are one round trip, before the call runs;
 2. returns the stored result if an earlier delivery already finished (its ack was lost), so a
    redelivered call does not run twice;
 3. runs the expert through ``orchestrator.dispatch.execute_call`` (the same code as the in-process
@@ -32,7 +34,7 @@ import time
 from typing import Any
 
 import redis
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 
@@ -49,13 +51,12 @@ from workers.config import (
     visibility_timeout,
     worker_registry,
 )
-from workers.routing import max_hard_limit, time_limits
+from workers.routing import RETRY_MAX_S, max_hard_limit, time_limits
 
 log = get_task_logger(__name__)
 
 MAX_RETRIES = 3
 RETRY_BASE_S = 0.5
-RETRY_MAX_S = 8.0
 PROGRESS_MIN_INTERVAL_S = 0.05
 # OSErrors that retrying cannot fix.
 PERMANENT_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError)
@@ -168,7 +169,7 @@ def _queue_state(pipe: Any, task: Any, state: str, info: dict[str, Any], request
     pipe.publish(key, value)
 
 
-def _progress_reporter(task: Any) -> Any:
+def _progress_reporter(task: Any, started_at: float) -> Any:
     last = [0.0]
     request = task.request  # the batch thread that may call this has no task request of its own
 
@@ -178,7 +179,9 @@ def _progress_reporter(task: Any) -> Any:
             return  # an expert reporting every step must not flood Redis
         last[0] = now
         with _redis().pipeline(transaction=False) as pipe:
-            _queue_state(pipe, task, "PROGRESS", {"progress": fraction, "message": message}, request)
+            # started_at: the start the orchestrator's run deadline counts from (workers.backend reads it)
+            _queue_state(pipe, task, "PROGRESS", {"progress": fraction, "message": message,
+                                                  "started_at": started_at}, request)
             pipe.execute()
 
     return progress
@@ -189,42 +192,44 @@ def dead_letter(r: redis.Redis, entry: dict[str, Any]) -> None:
     r.lpush(DEAD_LETTER_KEY, json.dumps(entry, sort_keys=True))
 
 
+# A worker refuses a call this much before the orchestrator's deadline for it, for clock skew between
+# hosts (the orchestrator's own give-up is atomic with the worker's start: workers.backend).
+DEADLINE_MARGIN_S = 0.5
+
+
 @app.task(bind=True, name=TASK_NAME, Request=ExpertRequest, acks_late=True, reject_on_worker_lost=True,
           max_retries=MAX_RETRIES, throws=(CallFailed,))
 def run_expert(self: Any, expert: str, args: dict[str, Any], call_id: str = "c0",
-               conversation_id: str | None = None) -> dict[str, Any]:
-    """Run one call of ``expert`` and return its result as JSON (see the module doc)."""
+               conversation_id: str | None = None, deadlines: dict[str, float] | None = None) -> dict[str, Any]:
+    """Run one call of ``expert`` and return its result as JSON (see the module doc).
+
+    ``deadlines`` (sent by the queued dispatcher): ``queue_by`` (epoch s) is when the orchestrator gives
+    up on a call no worker has started, ``queue_s`` the queue allowance (a retry gets it again), ``run_s``
+    how long after a start the orchestrator waits for the result.
+    """
     settings = _settings()
     r = _redis()
     task_id = self.request.id
+    d = deadlines or {}
     counter = DELIVERIES_KEY.format(task_id=task_id, retries=self.request.retries)
-    started = {"hostname": self.request.hostname, "pid": os.getpid(), "retry": self.request.retries}
-    reply = None
-    if (self.request.delivery_info or {}).get("redelivered"):
-        # One round trip (workers.backend): count this delivery, read the stored state, store STARTED;
-        # its answers decide whether the call runs.
-        delivery, stored = self.backend.start_delivery(self.request, counter, _count_ttl(), started)
-    else:
-        # A first delivery has no earlier death or result to find: the same command is sent, and the
-        # call runs while it travels (it is in Redis's hands before the call can kill this process).
-        reply = self.backend.send_start_delivery(self.request, counter, _count_ttl(), started)
-        delivery, stored = 1, None
-    try:
-        return _run_counted(self, settings, r, delivery, stored, expert, args, call_id, conversation_id)
-    finally:
-        if reply is not None:  # read the reply whatever happened, so the connection goes back to the pool
-            _finish_start(reply, task_id)
-
-
-def _finish_start(reply: Any, task_id: str) -> None:
-    try:
-        reply()
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:  # the call itself is done
-        log.warning("task %s: the delivery count and STARTED may not be stored (%s)", task_id, e)
+    now = time.time()
+    started = {"hostname": self.request.hostname, "pid": os.getpid(), "retry": self.request.retries,
+               "started_at": now}
+    # One round trip (workers.backend): count this delivery, read the stored state, and store STARTED
+    # unless the call has a result or the orchestrator has given up on it; its answers decide.
+    delivery, stored, verdict = self.backend.start_delivery(
+        self.request, counter, _count_ttl(), started, now=now, queue_by=float(d.get("queue_by") or 0),
+        run_s=float(d.get("run_s") or 0), margin=DEADLINE_MARGIN_S)
+    if verdict == "abandoned":
+        log.warning("call %s (%s, task %s) not run: the orchestrator has given up on it (it waited past its "
+                    "deadline, or was reported failed)", call_id, expert, task_id)
+        raise Ignore()
+    return _run_counted(self, settings, r, delivery, stored, expert, args, call_id, conversation_id, d, now)
 
 
 def _run_counted(self: Any, settings: Any, r: redis.Redis, delivery: int, stored: bytes | None,
-                 expert: str, args: dict[str, Any], call_id: str, conversation_id: str | None) -> dict[str, Any]:
+                 expert: str, args: dict[str, Any], call_id: str, conversation_id: str | None,
+                 deadlines: dict[str, float], started_at: float) -> dict[str, Any]:
     task_id = self.request.id
     prior = json.loads(stored) if stored else {}
     if prior.get("status") == "SUCCESS":
@@ -247,7 +252,7 @@ def _run_counted(self: Any, settings: Any, r: redis.Redis, delivery: int, stored
                                                                settings.batch_window_ms / 1000.0))
     try:
         result = execute_call(registry, _store(), expert, args, call_id=call_id,
-                              conversation_id=conversation_id, progress=_progress_reporter(self))
+                              conversation_id=conversation_id, progress=_progress_reporter(self, started_at))
     except (CallFailed, SoftTimeLimitExceeded) as e:
         cause = e if isinstance(e, SoftTimeLimitExceeded) else e.__cause__
         if isinstance(cause, SoftTimeLimitExceeded):
@@ -258,6 +263,9 @@ def _run_counted(self: Any, settings: Any, r: redis.Redis, delivery: int, stored
             countdown = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** self.request.retries) * random.uniform(0.8, 1.2)
             log.warning("call %s (%s): transient %r; retry %d of %d in %.1f s", call_id, expert, cause,
                         self.request.retries + 1, self.max_retries, countdown)
-            raise self.retry(exc=e, countdown=countdown) from None
+            kwargs = dict(self.request.kwargs or {})
+            if deadlines.get("queue_s"):  # the retry waits in the queue again, with the same allowance
+                kwargs["deadlines"] = {**deadlines, "queue_by": time.time() + countdown + float(deadlines["queue_s"])}
+            raise self.retry(exc=e, countdown=countdown, kwargs=kwargs) from None
         raise
     return result

@@ -9,8 +9,18 @@
    acked) go in a plain pipeline rather than MULTI/EXEC: one round trip either way, but four commands
    to pack and four replies to parse instead of two. Atomicity is not needed there: the commands go
    in one write on one connection and Redis runs them in order; the only other client that reads
-   these keys is a worker restoring messages unacknowledged for longer than the visibility timeout,
-   and it does so in a WATCH transaction on the hash that the ack's HDEL invalidates.
+   these keys is a worker restoring messages unacknowledged for longer than the visibility timeout, or
+   those of a dead worker (workers.liveness), and it does so in a WATCH transaction on the hash that
+   the ack's HDEL invalidates.
+
+Two more change what happens when things fail:
+
+3. A call whose pool process died goes back to the *front* of its queue (kombu's ``reject(requeue=True)``
+   LPUSHes it to the back, behind the whole backlog, where the orchestrator's deadline can expire it;
+   consumers BRPOP from the right, so RPUSH is the front).
+4. Every message a worker takes is also recorded under that worker's liveness id
+   (``switchboard:held:<id>``, workers.liveness) until it is acked or put back, so a worker that dies
+   has the calls it held put back by another worker within seconds, not after the visibility timeout.
 
 ``install()`` (called when workers.config is imported) makes it the transport of ``redis://`` URLs
 in this process, so the URL and what Flower and the logs show stay ``redis://``.
@@ -18,15 +28,48 @@ in this process, so the URL and what Flower and the logs show stay ``redis://``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+# The liveness id of this worker process (workers.liveness sets it when the worker starts); None in
+# processes that only send calls.
+owner: str | None = None
+HELD_KEY = "switchboard:held:{owner}"
 
 
 class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        # kombu's append, with the holder recorded in the same round trip.
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            if owner is not None:
+                pipe.sadd(HELD_KEY.format(owner=owner), delivery_tag)
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                self.unacked_key, delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]])).execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        if owner is not None:
+            pipe = pipe.srem(HELD_KEY.format(owner=owner), delivery_tag)
+        return pipe
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            # kombu's leftmost=True means LPUSH: the back of the queue. The front is RPUSH.
+            self.restore_by_tag(delivery_tag, leftmost=False)
+        else:
+            self._remove_from_indices(delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
         if pipe:

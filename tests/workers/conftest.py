@@ -32,9 +32,10 @@ def worker_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         get_settings.cache_clear()
 
 
-# Short enough that a call whose whole worker died is redelivered within the test, longer than any
-# call these tests run (the longest: the 2 s hard limit of wt_sleepy).
-VISIBILITY_TIMEOUT_S = 3
+# The tests run under the default visibility timeout (the longest hard limit + 60 s): a call whose
+# whole worker died is rerun because of the worker's heartbeat (workers.liveness), not the timeout.
+# Calls may wait this long in a queue before the orchestrator gives up on them.
+QUEUE_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +70,7 @@ def artifact_dir(tmp_path: Path) -> Path:
 def env(redis_server: RedisServer, artifact_dir: Path, tmp_path: Path) -> dict[str, str]:
     return worker_env(redis_server.url, artifact_dir, extra_experts=sample_experts.SPEC,
                       WT_SETUP_LOG=str(tmp_path / "setup.log"),
-                      SWITCHBOARD_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+                      SWITCHBOARD_QUEUE_TIMEOUT_S=str(QUEUE_TIMEOUT_S),
                       SWITCHBOARD_CALL_TIMEOUT_S="10")
 
 
@@ -106,7 +107,7 @@ def dispatcher(redis_server: RedisServer, redis_db: Any, artifact_dir: Path, tes
     from workers.dispatch import QueuedDispatcher
 
     settings = Settings(broker_url=redis_server.url, artifact_dir=artifact_dir, call_timeout_s=10,
-                        broker_visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+                        queue_timeout_s=QUEUE_TIMEOUT_S)
     d = QueuedDispatcher(test_registry, ArtifactStore(artifact_dir), settings=settings)
     yield d
     d.close()

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.plan import Plan
 from tests.workers import batch_experts, sample_experts
-from tests.workers.conftest import VISIBILITY_TIMEOUT_S, PlanRunner, lines
+from tests.workers.conftest import QUEUE_TIMEOUT_S, PlanRunner, lines
 from workers.testing import RedisServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def queued(redis_server: RedisServer, redis_db: Any, artifact_dir: Path, registr
     from workers.dispatch import QueuedDispatcher
 
     settings = Settings(broker_url=redis_server.url, artifact_dir=artifact_dir, call_timeout_s=30,
-                        broker_visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+                        queue_timeout_s=QUEUE_TIMEOUT_S)
     d = QueuedDispatcher(registry, ArtifactStore(artifact_dir), settings=settings)
     yield d
     d.close()

@@ -68,6 +68,35 @@ def test_worker_config_is_json_only_and_reliable(settings: Settings, reg: Regist
     assert celery_config(settings, reg, producer=True)["result_backend"] is None
 
 
+def test_nothing_waits_long_on_a_broker_that_is_down(reg: Registry) -> None:
+    s = Settings(broker_url="redis://127.0.0.1:1/0", broker_timeout_s=2.5)
+    opts = celery_config(s, reg, producer=True)["broker_transport_options"]
+    assert opts["socket_connect_timeout"] == opts["socket_timeout"] == 2.5  # submits fail within it
+    # workers reconnect with at most ~1 s between tries (Celery's own backoff grows by 2 s a try)
+    app = create_app(s, reg)
+    try:
+        assert app.conf.worker_consumer == "workers.config:Consumer"
+        assert {step.__name__ for step in app.steps["worker"]} >= {"Heartbeat", "PoolWatch"}
+    finally:
+        app.close()
+    from workers.config import RECONNECT_MAX_S
+
+    assert RECONNECT_MAX_S <= 1.0
+
+
+def test_a_pool_death_puts_the_call_at_the_front_of_its_queue() -> None:
+    """kombu's reject(requeue=True) LPUSHes (the back: consumers BRPOP from the right); ours RPUSHes."""
+    from workers.transport import QoS
+
+    calls: list[tuple[str, bool]] = []
+    qos = QoS.__new__(QoS)
+    qos.restore_by_tag = lambda tag, client=None, leftmost=False: calls.append((tag, leftmost))  # type: ignore
+    acked: list[str] = []
+    qos._quick_ack = acked.append  # kombu's bookkeeping of the message this process held
+    qos.reject("t1", requeue=True)
+    assert calls == [("t1", False)] and acked == ["t1"]
+
+
 def test_a_pickled_message_is_refused() -> None:
     ctype, enc, body = dumps({"expert": "x"}, serializer="pickle")
     with pytest.raises(ContentDisallowed):
