@@ -48,6 +48,13 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
         from orchestrator.core.router import Router
 
         router = Router.load(s.router_model)
+    cannot_see = None
+    if s.core_model is None:  # the embedded core's vision knows only the shapes world
+        from experts.domain import check_image
+
+        def cannot_see(image: Any) -> bool:
+            return check_image(image).out_of_domain
+
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
-                     router=router,
+                     router=router, cannot_see=cannot_see,
                      max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)

@@ -130,3 +130,17 @@ def faithful_answer(answer: str, calls: Sequence[CallRecord]) -> tuple[str, list
     problems = unsupported(answer, calls)
     return (compose(calls) if problems or not answer.strip() else answer), problems
 
+
+#: What the core says instead of describing a picture its vision was not trained to see.
+CANNOT_SEE = ("I can't tell what is in this picture: my own vision was trained only on a synthetic world of "
+              "coloured shapes, and this looks like a real photograph. I can still run an expert on it "
+              "(detect, segment, crop, edit), or point SWITCHBOARD_CORE_MODEL at a real vision-language model.")
+
+
+def unseen_answer(answer: str, unseen_images: int) -> tuple[str, list[str]]:
+    """A plain answer (no calls) about images the core cannot see (``unseen_images`` of them in its
+    prompt): one that names shapes it cannot have seen gives way to ``CANNOT_SEE``."""
+    if unseen_images and COLOUR_SHAPE.search(answer):
+        return CANNOT_SEE, [f"names shapes in {unseen_images} image(s) outside what the core can see"]
+    return answer, []
+

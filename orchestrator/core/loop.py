@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.commands import parse, validate
 from orchestrator.core.format import tool_turn
-from orchestrator.core.fusion import faithful_answer
+from orchestrator.core.fusion import faithful_answer, unseen_answer
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
 from orchestrator.dispatch import Dispatcher
 from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent, pump
@@ -64,7 +64,8 @@ class Assistant:
 
     def __init__(self, core: Any, registry: Any, store: ArtifactStore, dispatcher: Dispatcher,
                  conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
-                 max_calls: int = 16, reuse_prefix: bool = True, router: Any = None) -> None:
+                 max_calls: int = 16, reuse_prefix: bool = True, router: Any = None,
+                 cannot_see: Callable[[Any], bool] | None = None) -> None:
         self.core = core
         self.registry = registry
         self.store = store
@@ -75,6 +76,9 @@ class Assistant:
         self.max_calls = max_calls
         self.reuse_prefix = reuse_prefix
         self.router = router
+        # whether the core's own vision cannot read an image (the embedded core only knows the shapes
+        # world); a plain answer that describes shapes in such an image is not given
+        self.cannot_see = cannot_see
 
     # -- pieces -----------------------------------------------------------------------------------
     def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
@@ -155,10 +159,14 @@ class Assistant:
                              artifact_exists=lambda i: i in conv.artifacts)
         errors = [e.to_dict() for e in validated.errors]
         if not parsed.calls and not parsed.errors:
-            conv.messages.append({"role": "assistant", "content": reply})
+            answer, corrections = reply, []
+            if self.cannot_see is not None:
+                images = self._images(self._prompt_messages(conv)).values()
+                answer, corrections = unseen_answer(reply, sum(bool(self.cannot_see(i)) for i in images))
+            conv.messages.append({"role": "assistant", "content": answer})
             self.conversations.save(conv)
-            result = ChatResult(conversation_id=conv.id, answer=reply, plan=reply, calls=[], errors=[], artifacts=[],
-                                route=routed)
+            result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=[], errors=[], artifacts=[],
+                                route=routed, corrections=corrections)
             emit(StageEvent(stage="done"))
             emit(result)
             return result
