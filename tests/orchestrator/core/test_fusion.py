@@ -57,3 +57,13 @@ def test_counts_are_read_from_the_labels_and_composed_in_words() -> None:
     assert unsupported("I found 2 circles.", calls)
     answer, problems = faithful_answer("I found one red circle.", calls)
     assert problems and answer == "Found 2 red circles and 1 blue circle."
+
+
+def test_a_plain_answer_about_an_unseen_photo_names_no_shapes() -> None:
+    from orchestrator.core.fusion import CANNOT_SEE, unseen_answer
+
+    invented = "I see a blue square, a purple circle and a green star."
+    assert unseen_answer(invented, unseen_images=1) == (CANNOT_SEE, [
+        "names shapes in 1 image(s) outside what the core can see"])
+    assert unseen_answer(invented, unseen_images=0) == (invented, [])  # a scene it can see
+    assert unseen_answer("It is a photo of a street.", unseen_images=1)[1] == []  # nothing invented
