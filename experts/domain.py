@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-# The shapes world's palette (training/shapes.py COLOURS; the runtime may not import training/, a test
-# checks the two agree).
+# The shapes world's palette and classes (training/shapes.py draws its scenes with these).
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),

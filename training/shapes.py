@@ -25,16 +25,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "hexagon", "star")
-# Saturated and far apart in RGB (and hue), so a pixel's nearest palette entry is its colour.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 90, 225),
-    "yellow": (240, 215, 40),
-    "purple": (150, 60, 200),
-    "orange": (250, 140, 20),
-}
+from experts.domain import PALETTE, SHAPES_WORLD_CLASSES
+
+# The classes and the palette are defined once, where the runtime can read them (the embedded experts
+# know the shapes world; the runtime never imports training): saturated and far apart in RGB (and
+# hue), so a pixel's nearest palette entry is its colour.
+SHAPES: tuple[str, ...] = SHAPES_WORLD_CLASSES
+COLOURS: dict[str, tuple[int, int, int]] = PALETTE
 # Backgrounds are (nearly) grey so that no object colour can be mistaken for them.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (238, 238, 236),

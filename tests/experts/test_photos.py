@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from experts.detect import DetectExpert
-from experts.domain import PALETTE, SHAPES_WORLD_CLASSES, check_image
+from experts.domain import check_image
 from experts.generate import prompt_outside_world
 from switchboard.artifacts import ArtifactStore
 from switchboard.expert import RunContext
@@ -60,11 +60,6 @@ def detector() -> DetectExpert:
 
 def put(store: ArtifactStore, path: Path) -> str:
     return store.put_image(Image.open(path).convert("RGB")).id
-
-
-def test_the_check_knows_the_shapes_world_it_was_built_for() -> None:
-    """experts.domain keeps its own copy of the world (the runtime may not import training/)."""
-    assert PALETTE == COLOURS and SHAPES_WORLD_CLASSES == SHAPES
 
 
 def test_shapes_world_scenes_never_trip_the_check() -> None:
