@@ -17,7 +17,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "chat": ("orchestrator.cli.chat", "chat_main", "chat with the core: plan, run the calls, answer"),
 }
 # `switchboard train X` / `switchboard eval X` -> training.X.main_train / main_eval
-RECIPES = ("detector", "segmenter", "generator", "editor", "core", "router")
+RECIPES = ("detector", "segmenter", "generator", "editor", "core", "router", "conversations")
 
 
 def _delegate(module: str, func: str, argv: list[str]) -> int:
