@@ -49,7 +49,10 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
 
         router = Router.load(s.router_model)
     cannot_see = None
-    if s.core_model is None:  # the embedded core's vision knows only the shapes world
+    if not sees_pixels(core):  # e.g. the shipped core: its projector's output layer is still zero
+        def cannot_see(image: Any) -> bool:
+            return True
+    elif s.core_model is None:  # the embedded core's vision knows only the shapes world
         from experts.domain import check_image
 
         def cannot_see(image: Any) -> bool:
@@ -58,3 +61,20 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
                      router=router, cannot_see=cannot_see,
                      max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)
+
+
+def sees_pixels(core: Any) -> bool:
+    """Whether a LLaVA-style core's image tokens depend on the pixels: False when its projector's last
+    layer is all zero (the shipped core trains it last; until then every image looks the same to it)."""
+    model = getattr(core, "model", None)
+    modules = getattr(model, "named_modules", None)
+    if modules is None:
+        return True
+    for name, module in modules():
+        if name.endswith("multi_modal_projector"):
+            last = [m for m in module.modules() if hasattr(m, "weight") and getattr(m, "weight", None) is not None]
+            if last:
+                w, b = last[-1].weight, getattr(last[-1], "bias", None)
+                return bool(w.abs().sum() > 0 or (b is not None and b.abs().sum() > 0))
+    return True
+

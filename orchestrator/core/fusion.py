@@ -131,10 +131,11 @@ def faithful_answer(answer: str, calls: Sequence[CallRecord]) -> tuple[str, list
     return (compose(calls) if problems or not answer.strip() else answer), problems
 
 
-#: What the core says instead of describing a picture its vision was not trained to see.
-CANNOT_SEE = ("I can't tell what is in this picture: my own vision was trained only on a synthetic world of "
-              "coloured shapes, and this looks like a real photograph. I can still run an expert on it "
-              "(detect, segment, crop, edit), or point SWITCHBOARD_CORE_MODEL at a real vision-language model.")
+#: What the core says instead of describing a picture its own vision cannot read.
+CANNOT_SEE = ("I can't tell what is in this picture myself: my own vision does not read it (the embedded core "
+              "knows only a synthetic world of coloured shapes, and its image input is not trained yet), so I "
+              "won't guess. I can run an expert on it: ask me to find, segment, crop or edit something in it, "
+              "or point SWITCHBOARD_CORE_MODEL at a real vision-language model.")
 
 
 def unseen_answer(answer: str, unseen_images: int) -> tuple[str, list[str]]:
