@@ -4,6 +4,7 @@
     switchboard train router --tiny --out /tmp/r # smoke: a few hundred requests, a few epochs, seconds
     switchboard eval router --json               # the core data's held-out split (route accuracy)
     switchboard eval router --set wild --json    # the wild set (training/evalsets/wild.jsonl)
+    switchboard eval router --set dev --errors   # the tuning set (training/evalsets/dev.jsonl)
     switchboard train router --adapt             # + the installed plugins as labels (.cache/router/adapted)
 
 Data: ``training.router_data.build`` — real-world renderings of every intent and of each expert's
@@ -168,7 +169,7 @@ def _adapt_rows(rows: list, full: Any, plugins: list[str], enc: Any, *, n_plugin
 
 def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int = 6000, epochs: int = 40,
           hidden: int = 256, seed: int = 0, tiny: bool = False, registry: Any = None, adapt: Any = None,
-          head_seed: int | None = None, log: Any = print) -> dict[str, Any]:
+          head_seed: int | None = None, class_power: float = 0.5, log: Any = print) -> dict[str, Any]:
     """Train the head (see the module doc). ``adapt``: a registry whose experts beyond the built-in
     ones (installed plugins) join the head as labels of their own (``switchboard train router --adapt``)."""
     import numpy as np
@@ -207,9 +208,9 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
     model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
                                 torch.nn.Linear(hidden, len(labels)))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
-    # balance: each label's loss weight ~ 1/sqrt(frequency)
+    # balance: each label's loss weight ~ 1/frequency**class_power (0.5: 1/sqrt)
     freq = np.bincount(y[tr], minlength=len(labels)).astype(np.float32) + 1
-    cw = torch.tensor((freq.mean() / freq) ** 0.5, dtype=torch.float32)
+    cw = torch.tensor((freq.mean() / freq) ** class_power, dtype=torch.float32)
     lossf = torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=0.05)
     xt, yt = torch.tensor(x[tr]), torch.tensor(y[tr])
     xv, yv = torch.tensor(x[val]), torch.tensor(y[val])
@@ -259,7 +260,8 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
             "trained_on": sorted({e for lab in labels for e in lab}),
             "data": {"n": len(rows), "n_real": n_real, "n_registry": n_registry, "n_core": n_core, "seed": seed,
                      "labels": label_counts(rows)},
-            "epochs": epochs, "val_accuracy": history[-1]["val_accuracy"], "seconds": round(time.time() - t0, 1)}
+            "epochs": epochs, "class_power": class_power, "val_accuracy": history[-1]["val_accuracy"],
+            "seconds": round(time.time() - t0, 1)}
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     return {"out": str(out), "n": len(rows), "labels": len(labels), "val_accuracy": meta["val_accuracy"],
@@ -328,6 +330,45 @@ def evaluate_wild(router: Any, *, registry: Any = None) -> dict[str, Any]:
     return res
 
 
+DEV_SET = Path(__file__).resolve().parent / "evalsets" / "dev.jsonl"
+
+
+def load_dev(path: Path = DEV_SET) -> list[Any]:
+    """The development (tuning) set (``training/evalsets/dev.jsonl``, see DEV.md) as ``WildItem``s, so
+    that ``training.wild.score`` scores it exactly like the wild set. Its ``image`` is a bool: an
+    attached image is marked ``"attached"``. Tune on it; never train on it."""
+    from training.wild import WildItem
+
+    items = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            items.append(WildItem(row["id"], row["request"], "attached" if row.get("image") else None,
+                                  tuple(row["expected"]), category=row.get("category", "")))
+    return items
+
+
+def evaluate_dev(router: Any, *, registry: Any = None, errors: bool = False) -> dict[str, Any]:
+    """The dev set's metrics (``training.wild.score``) and the confusion of its errors (expected ->
+    predicted, counted); ``errors``: also every wrong item (dev only, never the wild set)."""
+    from training.wild import score, sequence_matches
+
+    reg = _registry(registry)
+    items = load_dev()
+    t0 = time.time()
+    routes = router.route_batch([it.request for it in items], [it.image is not None for it in items], reg)
+    preds = [list(r.experts) for r in routes]
+    res = score(preds, items)
+    res["seconds"] = round(time.time() - t0, 1)
+    wrong = [(it, p) for it, p in zip(items, preds, strict=True) if not sequence_matches(p, list(it.expected))]
+    conf = Counter(f"{' > '.join(it.expected) or '(none)'} -> {' > '.join(p) or '(none)'}" for it, p in wrong)
+    res["confusion"] = dict(conf.most_common())
+    if errors:
+        res["errors"] = [{"id": it.id, "request": it.request, "image": it.image is not None,
+                          "expected": list(it.expected), "predicted": p} for it, p in wrong]
+    return res
+
+
 def main_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="switchboard train router", description="Train the intent router's head.")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: models/router)")
@@ -339,6 +380,7 @@ def main_train(argv: list[str]) -> int:
     p.add_argument("--n-core", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--class-power", type=float, default=0.5, help="label loss weight ~ 1/frequency**power")
     p.add_argument("--adapt", action="store_true", help="also learn the installed plugins (their examples and "
                    "phrasings) as labels of their own; writes to <cache>/router/adapted unless --out is given "
                    "(point SWITCHBOARD_ROUTER_MODEL there to use it)")
@@ -350,21 +392,24 @@ def main_train(argv: list[str]) -> int:
     torch.set_num_threads(a.threads)
     out = a.out or (cache_path().parent / "adapted" if a.adapt else default_out())
     res = train(out=out, n_real=a.n_real, n_registry=a.n_registry, n_core=a.n_core, epochs=a.epochs,
-                hidden=a.hidden, seed=a.seed, tiny=a.tiny, adapt=installed_registry() if a.adapt else None)
+                hidden=a.hidden, seed=a.seed, tiny=a.tiny, class_power=a.class_power,
+                adapt=installed_registry() if a.adapt else None)
     print(json.dumps(res))
     return 0
 
 
 def main_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="switchboard eval router", description="Evaluate the intent router alone.")
-    p.add_argument("--set", dest="eval_set", choices=["heldout", "wild"], default="heldout",
-                   help="heldout (default): first turns of the core data's held-out split; wild: "
-                   "training/evalsets/wild.jsonl (aggregate metrics only)")
+    p.add_argument("--set", dest="eval_set", choices=["heldout", "wild", "dev"],
+                   default="heldout", help="heldout (default): first turns of the core data's held-out split; "
+                   "wild: training/evalsets/wild.jsonl (aggregate metrics only); dev: the tuning set "
+                   "training/evalsets/dev.jsonl (metrics and the confusion of its errors)")
     p.add_argument("--model", type=Path, default=None, help="router directory (default: models/router)")
     p.add_argument("--n", type=int, default=600, help="held-out requests (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--installed", action="store_true", help="route among every installed expert (plugins "
                    "zero-shot) instead of the built-in five the sets are labelled for")
+    p.add_argument("--errors", action="store_true", help="with --set dev: list every wrong item")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -373,8 +418,12 @@ def main_eval(argv: list[str]) -> int:
 
     router = Router.load(a.model)
     reg = installed_registry() if a.installed else builtin_registry()
-    res = (evaluate_wild(router, registry=reg) if a.eval_set == "wild"
-           else evaluate_heldout(router, n=a.n, seed=a.seed, registry=reg))
+    if a.eval_set == "wild":
+        res = evaluate_wild(router, registry=reg)
+    elif a.eval_set == "dev":
+        res = evaluate_dev(router, registry=reg, errors=a.errors)
+    else:
+        res = evaluate_heldout(router, n=a.n, seed=a.seed, registry=reg)
     res["experts"] = reg.names()
     print(json.dumps(res) if a.json else "\n".join(f"{k:24s} {v}" for k, v in res.items()))
     return 0

@@ -32,6 +32,18 @@ def test_tiny_train_load_and_route(tmp_path, capsys):
     assert recipe.main_eval(["--model", str(out), "--n", "20", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= ev["route_accuracy"] <= 1 and ev["n"] == 20
+    assert recipe.main_eval(["--model", str(out), "--set", "dev", "--json"]) == 0
+    dev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert dev["n"] == 360 and 0 <= dev["expert_accuracy"] <= 1 and isinstance(dev["confusion"], dict)
+    assert "errors" not in dev
+
+
+def test_dev_set_loads_like_the_wild_set():
+    items = recipe.load_dev()
+    assert len(items) == 360 and len({it.id for it in items}) == 360
+    assert {it.category for it in items} == {"generate", "detect", "segment", "edit", "crop", "chain", "none"}
+    assert all((it.image is not None) in (True, False) for it in items)
+    assert sum(it.image is not None for it in items) == 220
 
 
 def test_tiny_adapt_learns_a_plugin_as_its_own_label(tmp_path):
