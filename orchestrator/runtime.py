@@ -59,7 +59,8 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
             return check_image(image).out_of_domain
 
     return Assistant(core, registry, store, make_dispatcher(registry, store, s), ConversationStore.from_settings(s),
-                     router=router, cannot_see=cannot_see,
+                     router=router, cannot_see=cannot_see, jump_forward=s.core_jump_forward,
+                     max_prompt_tokens=s.core_max_prompt_tokens,
                      max_calls=s.max_calls_per_reply, reuse_prefix=s.core_prefix_cache)
 
 

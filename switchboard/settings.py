@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     core_prefix_cache: bool = Field(
         default=True, description="The fusion pass reuses the plan pass's KV cache for their shared prompt prefix "
         "(off: it prefills its whole prompt again; replies are the same either way).")
+    core_jump_forward: bool = Field(
+        default=True, description="Jump-forward decoding: what the command grammar leaves no choice about (a "
+        "tag's syntax, a routed expert's name, the only image's id) is appended without a forward pass (off: "
+        "one pass per token through transformers' generate).")
+    core_max_prompt_tokens: int | None = Field(
+        default=2048, ge=64, description="The core's prompt limit in tokens: older turns are left out first; a "
+        "message that alone is longer is refused (400 context_length_exceeded). Unset = no limit.")
 
     # Distributed dispatch. The broker URL has one meaning: unset = every call runs in the orchestrator's
     # process; set = every call goes through Celery. A worker without it refuses to start.

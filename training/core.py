@@ -818,10 +818,12 @@ _GRAMMAR_TOKENIZER: list[Any] = []
 
 def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: bool = True,
              max_new_tokens: int = 120, grammar: bool = False, kind: str | None = None,
-             log: Any = print) -> dict[str, Any]:
+             log: Any = print, jump_forward: bool = True) -> dict[str, Any]:
     """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``grammar`` applies
     the command grammar (orchestrator/core/grammar.py) with the artifacts of each batch's
-    conversations, as ``switchboard chat`` does with one conversation's."""
+    conversations, as ``switchboard chat`` does with one conversation's; with the grammar and
+    ``jump_forward`` (a core with ``decode``), each conversation is decoded as the loop decodes it:
+    jump-forward over the canonical grammar, one conversation at a time."""
     from tqdm import tqdm
 
     from orchestrator.commands import parse
@@ -848,7 +850,11 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
         idx = order[k:k + batch]
         convs = [(samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}) for i in idx]
         procs = _grammar_for(convs, registry) if grammar else None
-        texts = core.generate_batch(convs, max_new_tokens=max_new_tokens, logits_processor=procs)
+        if procs and jump_forward and hasattr(core, "decode"):
+            texts = [core.decode(m, im, grammar=_grammar_for([(m, im)], registry, canonical=True)[0].grammar,
+                                 max_new_tokens=max_new_tokens).text for m, im in convs]
+        else:
+            texts = core.generate_batch(convs, max_new_tokens=max_new_tokens, logits_processor=procs)
         for i, text in zip(idx, texts, strict=True):
             out_text[i] = text
     preds = [out_text[i] for i in range(len(samples))]
@@ -958,6 +964,9 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--errors", type=Path, default=None, help="write the failures to this JSON file")
     p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
+    p.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --grammar: decode as the loop does, with jump-forward over the canonical grammar "
+                   "(default on; off: transformers' generate, batched)")
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--kind", choices=["call", "chain", "none", "followup", "fusion", "describe"], default=None,
                    help="only held-out samples of this kind (default: the training mix; describe: the "
@@ -983,8 +992,8 @@ def main_eval(argv: list[str]) -> int:
         print(json.dumps(res) if a.json else "\n".join(f"{k:28s} {v}" for k, v in res.items()))
         return 0
     res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
-                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed)
-    res["decoding"] = "grammar" if a.grammar else "unconstrained"
+                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward)
+    res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
     errors = res.pop("errors")
     if a.errors:
         a.errors.write_text(json.dumps(errors, indent=1))

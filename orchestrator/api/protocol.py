@@ -200,6 +200,8 @@ class ChatCompletionResponse(BaseModel):
     usage: None = None
     system_fingerprint: str | None = None
     conversation_id: str
+    trimmed_messages: int | None = Field(default=None, description=(
+        "How many older messages were left out of the core's prompt to fit its length limit (absent: none)."))
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -240,8 +242,9 @@ class ChatCompletionChunk(_Response):
     conversation_id: str
     event: StreamEvent | None = None
     usage: None = None
+    trimmed_messages: int | None = None  # on the last chunk, when older messages were left out of the prompt
 
-    _omit_none = frozenset({"event", "usage"})
+    _omit_none = frozenset({"event", "usage", "trimmed_messages"})
 
 
 # -- models, health, errors -----------------------------------------------------------------------

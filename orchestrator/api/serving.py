@@ -134,6 +134,7 @@ class Turn:
     conversation_id: str
     text: str
     images: list[str] = field(default_factory=list)
+    max_tokens: int | None = None  # the answer's cap (finish_reason "length" when reached)
 
 
 class _KeyedLocks:
@@ -253,10 +254,16 @@ class ServingChat:
             raise BadRequest("the last user message is empty: send text, an image, or both",
                              f"messages.{last_index}.content")
 
-        self.provider.get()  # 503 now rather than in the middle of a stream
+        cap = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if cap is not None and cap < 1:
+            raise BadRequest("max_tokens must be at least 1", "max_tokens")
+        assistant = self.provider.get()  # 503 now rather than in the middle of a stream
+        check = getattr(assistant, "check_message", None)
+        if check is not None:  # a message the core cannot read at all is refused before anything is stored
+            check(text, images)
         if conv is None:
             conv = self._new_conversation(history)
-        return Turn(conversation_id=conv.id, text=text, images=images)
+        return Turn(conversation_id=conv.id, text=text, images=images, max_tokens=cap)
 
     def _new_conversation(self, history: list[dict[str, Any]]) -> Conversation:
         conv = self.conversations.create()
@@ -333,7 +340,8 @@ class ServingChat:
         return artifact_id
 
     # -- running a turn -------------------------------------------------------------------------
-    def _run(self, turn: Turn, on_event: Callable[[Any], None]) -> loop.ChatResult:
+    def _run(self, turn: Turn, on_event: Callable[[Any], None],
+             should_stop: Callable[[], bool] | None = None) -> loop.ChatResult:
         assistant = self.provider.get()
         timer = self.metrics.call_timer()
 
@@ -342,15 +350,22 @@ class ServingChat:
             on_event(event)
 
         with self._conversation_locks.hold(turn.conversation_id), self.metrics.turn():
+            extra: dict[str, Any] = {}
+            if turn.max_tokens is not None:
+                extra["max_tokens"] = turn.max_tokens
+            if should_stop is not None:
+                extra["should_stop"] = should_stop
             result = assistant.run(turn.text, images=turn.images, conversation_id=turn.conversation_id,
-                                   on_event=sink)
+                                   on_event=sink, **extra)
         self.metrics.count_calls(result.calls)
         return result
 
-    def _events(self, turn: Turn) -> Iterator[Any]:
+    def _events(self, turn: Turn, stop: threading.Event | None = None) -> Iterator[Any]:
         """The turn's events as they happen (the last is the ChatResult). The turn runs in its own
-        thread and finishes (and is saved) even if the client goes away."""
-        return pump(lambda emit: self._run(turn, emit), name=f"turn-{turn.conversation_id}")
+        thread; setting ``stop`` (the client went away) ends its decoding at the next step and starts
+        no further calls; what it did is still saved."""
+        should_stop = stop.is_set if stop is not None else None
+        return pump(lambda emit: self._run(turn, emit, should_stop), name=f"turn-{turn.conversation_id}")
 
     def complete(self, turn: Turn, base_url: str) -> ChatCompletionResponse:
         """Run the turn to the end and return the whole completion."""
@@ -359,8 +374,10 @@ class ServingChat:
         message = ResponseMessage(content=self._content(result.answer, artifacts),
                                   tool_calls=[ExecutedToolCall.from_record(c) for c in result.calls] or None,
                                   artifacts=artifacts)
-        return ChatCompletionResponse(id=_completion_id(), choices=[Choice(message=message)],
-                                      conversation_id=result.conversation_id)
+        return ChatCompletionResponse(id=_completion_id(),
+                                      choices=[Choice(message=message, finish_reason=_finish(result))],
+                                      conversation_id=result.conversation_id,
+                                      trimmed_messages=getattr(result, "trimmed_messages", 0) or None)
 
     def stream(self, turn: Turn, base_url: str) -> Iterator[str]:
         """Run the turn and yield SSE frames: stages and calls as ``event`` chunks, the answer as content
@@ -377,8 +394,9 @@ class ServingChat:
         yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
         answer = _Trimmed()
         answered = False
+        stop = threading.Event()
         try:
-            for ev in self._events(turn):
+            for ev in self._events(turn, stop):
                 if isinstance(ev, StageEvent):
                     if ev.stage != "done":  # "done" goes out with finish_reason, after the result
                         yield chunk(event=ev)
@@ -403,7 +421,11 @@ class ServingChat:
                         yield chunk(choices=[ChunkChoice(delta=Delta(content=sep + links if links else None,
                                                                      tool_calls=calls or None,
                                                                      artifacts=artifacts))])
-                    yield chunk(choices=[ChunkChoice(finish_reason="stop")], event=StageEvent(stage="done"))
+                    yield chunk(choices=[ChunkChoice(finish_reason=_finish(ev))], event=StageEvent(stage="done"),
+                                trimmed_messages=getattr(ev, "trimmed_messages", 0) or None)
+        except GeneratorExit:  # the client went away (the server closes the stream): stop the turn
+            stop.set()
+            raise
         except SwitchboardError as e:
             yield _sse(json.dumps(error_body(e.status, e.message, e.code)))
         except Exception as e:
@@ -433,6 +455,11 @@ class ServingChat:
             label = _alt(f"{a.role or a.kind} ({a.call_id})" if a.call_id else a.role or a.kind)
             links.append(f"{'!' if a.kind in IMAGE_KINDS else ''}[{label}]({a.url})")
         return "\n\n".join(p for p in (answer, "\n".join(links)) if p)
+
+
+def _finish(result: Any) -> Any:
+    """OpenAI's finish_reason for a turn: "length" when the answer reached max_tokens, else "stop"."""
+    return "length" if getattr(result, "finish_reason", "stop") == "length" else "stop"
 
 
 def _completion_id() -> str:

@@ -144,6 +144,11 @@ class CommandGrammar:
     #: When set, the reply is exactly these calls, in this order, and nothing else (the router's plan):
     #: the core writes only their ids and arguments.
     route: tuple[str, ...] | None = None
+    #: The canonical form the core was trained on (training/core_data.py): call ids are c1, c2, … in
+    #: reply order and, in a routed reply, the calls follow each other with exactly one newline and
+    #: nothing else. It makes all of ``<call id="c1" expert="`` a forced continuation (jump-forward
+    #: appends it without a forward pass); the free form stays the default for other callers.
+    canonical: bool = False
 
     @classmethod
     def from_registry(cls, registry: Any, artifacts: dict[str, str] | None = None, **kw: Any) -> CommandGrammar:
@@ -205,18 +210,16 @@ class CommandGrammar:
         for ch in text:
             m = state.mode
             if m == TEXT and self.route is not None:
-                if ch in " \n":
+                if ch in " \n" and not self.canonical:
                     continue
                 if ch != "<" or state.calls >= len(self.route):
                     return False
-                state.mode, state.lit, state.then = LIT, 'call id="', ID
-                state.buf = ""
+                self._open_call(state)
             elif m == TEXT:
                 if ch == "<":
                     if not self.allow_calls or state.calls >= self.max_calls:
                         return False
-                    state.mode, state.lit, state.then = LIT, 'call id="', ID
-                    state.buf = ""
+                    self._open_call(state)
                 elif ch == ">":
                     continue
             elif m == LIT:
@@ -261,6 +264,8 @@ class CommandGrammar:
                 if ch != ">":
                     return False
                 state.mode, state.expert, state.used, state.calls = TEXT, None, (), state.calls + 1
+                if self.canonical and self.route is not None and state.calls < len(self.route):
+                    self._open_call(state, "\n<")  # the next routed call follows on the next line
             elif m == NAME:
                 spec = self.experts[state.expert or ""]
                 free = [a for a, sp in spec.args.items() if a not in state.used and self._fillable(sp, state)]
@@ -287,6 +292,69 @@ class CommandGrammar:
                 else:
                     return False
         return True
+
+    def _open_call(self, state: State, before: str = "") -> None:
+        """Enter a tag: ``<`` was just read, or (``before``) the reply must still write it. In the canonical
+        form the call id is fixed too."""
+        state.buf = ""
+        if self.canonical:
+            cid = f"c{len(state.call_ids) + 1}"
+            state.call_ids = state.call_ids + (cid,)
+            state.mode, state.lit, state.then = LIT, before + f'call id="{cid}" expert="', EXPERT
+        else:
+            state.mode, state.lit, state.then = LIT, before + 'call id="', ID
+
+    def _next_chars(self, state: State) -> Iterable[str] | None:
+        """A superset of the characters that may come next, or None where the choice is open (free text,
+        call ids, numbers, strings)."""
+        m = state.mode
+        if m == TEXT:
+            return None if self.route is None else ("<",) if self.canonical else (" ", "\n", "<")
+        if m == LIT:
+            return (state.lit[0],)
+        if m in (AFTER, CLOSE):
+            return (" ", "/") if m == AFTER else (">",)
+        n = len(state.buf)
+        if m == EXPERT:
+            words: Iterable[str] = self._names(state)
+        elif m == NAME:
+            words = self.experts[state.expert or ""].args
+        elif m == VALUE:
+            spec = self.experts[state.expert or ""].args[state.arg or ""]
+            if spec.kind == "artifact":
+                words = self._values_for(spec, state)
+            elif spec.kind == "enum":
+                words = spec.choices
+            elif spec.kind == "bool":
+                words = ("true", "false")
+            else:
+                return None
+        else:
+            return None
+        end = "=" if m == NAME else '"'
+        return {w[n] for w in words if len(w) > n and w.startswith(state.buf)} | {end}
+
+    def forced(self, state: State, limit: int = 256) -> str:
+        """The text every viable reply continues with from ``state`` (empty when there is a choice,
+        including the choice to end): what jump-forward decoding appends without a forward pass.
+
+        Character by character: where exactly one character is viable and the reply cannot end there,
+        it is forced. That covers a tag's fixed syntax, the rest of an expert's or argument's name once
+        its prefix is unique (a routed call's whole expert name), and an artifact value with a single
+        candidate (the only image of the conversation).
+        """
+        out: list[str] = []
+        s = state.copy()
+        while len(out) < limit and not self.can_end(s):
+            chars = self._next_chars(s)
+            if chars is None:
+                break
+            ok = [c for c in chars if self.feed(s.copy(), c)]
+            if len(ok) != 1:
+                break
+            self.feed(s, ok[0])
+            out.append(ok[0])
+        return "".join(out)
 
     def viable(self, text: str) -> bool:
         return self.feed(self.start(), text)

@@ -17,6 +17,14 @@
 
 A reply without calls is the answer itself. Artifacts made in a turn stay addressable by id in the
 following turns ("now remove it").
+
+Decoding: a core with ``decode`` (the shipped one) is decoded with jump-forward: what the grammar
+leaves no choice about (a tag's syntax, a routed expert's name, the only image's id) is appended
+without a forward pass, with the grammar in the canonical form the core was trained on (call ids c1,
+c2 …). Prompts are bounded (``max_prompt_tokens``: history dropped oldest first, said in
+``ChatResult.trimmed_messages``; a message that alone is too long is refused with
+:class:`ContextLengthExceeded`); ``max_tokens`` caps the answer (``finish_reason="length"``); a turn
+whose ``should_stop`` says so (a client gone) stops decoding and runs no calls.
 """
 
 from __future__ import annotations
@@ -36,8 +44,17 @@ from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent, pu
 from orchestrator.plan import Plan
 from orchestrator.session import Conversation, ConversationStore
 from switchboard.artifacts import ArtifactStore
+from switchboard.errors import SwitchboardError
 
-__all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "Event", "StageEvent", "TextEvent"]
+__all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "ContextLengthExceeded", "Event", "StageEvent",
+           "TextEvent"]
+
+
+class ContextLengthExceeded(SwitchboardError):
+    """A message that alone does not fit the core's prompt limit (OpenAI's ``context_length_exceeded``)."""
+
+    code = "context_length_exceeded"
+    status = 400
 
 
 class ChatResult(BaseModel):
@@ -52,6 +69,10 @@ class ChatResult(BaseModel):
     route: list[str] | None = None  # the router's expert sequence for this turn ([] = answer directly)
     # why the core's drafted answer was replaced by the calls' own summaries (empty: it was not)
     corrections: list[str] = Field(default_factory=list)
+    #: "stop"; "length" when the answer reached ``max_tokens``; "cancelled" when the turn was stopped
+    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    #: older messages left out of the core's prompt to fit ``max_prompt_tokens`` (0: none)
+    trimmed_messages: int = 0
 
 
 Event = StageEvent | TextEvent | CallEvent | ChatResult
@@ -65,7 +86,8 @@ class Assistant:
     def __init__(self, core: Any, registry: Any, store: ArtifactStore, dispatcher: Dispatcher,
                  conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
                  max_calls: int = 16, reuse_prefix: bool = True, router: Any = None,
-                 cannot_see: Callable[[Any], bool] | None = None) -> None:
+                 cannot_see: Callable[[Any], bool] | None = None, jump_forward: bool = True,
+                 max_prompt_tokens: int | None = 2048) -> None:
         self.core = core
         self.registry = registry
         self.store = store
@@ -79,13 +101,42 @@ class Assistant:
         # whether the core's own vision cannot read an image (the embedded core only knows the shapes
         # world); a plain answer that describes shapes in such an image is not given
         self.cannot_see = cannot_see
+        self.jump_forward = jump_forward
+        self.max_prompt_tokens = max_prompt_tokens
+        self._trimmed = 0  # messages the latest prompt left out (read by run, per turn)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
         msgs = conv.messages[-self.history_messages:]
         while msgs and msgs[0]["role"] != "user":  # never start mid-turn
             msgs = msgs[1:]
-        return [{k: v for k, v in m.items() if k in ("role", "content", "images")} for m in msgs]
+        msgs = [{k: v for k, v in m.items() if k in ("role", "content", "images")} for m in msgs]
+        kept = self._fit(msgs)
+        self._trimmed = max(self._trimmed, len(msgs) - len(kept))
+        return kept
+
+    def _fit(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The newest turns that fit ``max_prompt_tokens``: whole turns are dropped oldest first (the
+        prompt always starts at a user message); the last user message alone must fit."""
+        count = getattr(self.core, "count_tokens", None)
+        if self.max_prompt_tokens is None or count is None:
+            return msgs
+        while count(msgs) > self.max_prompt_tokens:
+            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            if len(users) < 2:
+                n = count(msgs)
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.max_prompt_tokens} tokens; the message needs "
+                    f"{n} tokens. Please shorten the message.")
+            msgs = msgs[users[1]:]
+        return msgs
+
+    def check_message(self, message: str, images: list[str] | None = None) -> None:
+        """Refuse, before the turn starts, a message that alone does not fit the prompt limit."""
+        count = getattr(self.core, "count_tokens", None)
+        if self.max_prompt_tokens is None or count is None:
+            return
+        self._fit([{"role": "user", "content": message, "images": list(images or [])}])
 
     def _images(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {i: self.store.open_image(i) for m in messages for i in (m.get("images") or [])}
@@ -118,31 +169,48 @@ class Assistant:
 
     def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
                   emit: Callable[[Event], None], prefix_cache: Any = None,
-                  route: tuple[str, ...] | None = None) -> str:
+                  route: tuple[str, ...] | None = None, max_tokens: int | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[str, str]:
+        """The core's reply and why it ended ("stop", "length", "cancelled")."""
         messages = self._prompt_messages(conv)
         if route is not None and not route:
             allow_calls, route = False, None  # routed to a plain answer
+        fast = self.jump_forward and hasattr(self.core, "decode")
         grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, allow_calls=allow_calls,
-                                               max_calls=self.max_calls, route=route)
-        processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
+                                               max_calls=self.max_calls, route=route, canonical=fast)
         extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
         # a routed chain must fit: each call copies an artifact id (~24 tokens) and its arguments
         budget = max(self.max_new_tokens, TOKENS_PER_CALL * len(route)) if route else self.max_new_tokens
-        return self.core.generate(messages, self._images(messages), max_new_tokens=budget,
-                                  logits_processor=[processor], on_text=lambda t: emit(TextEvent(type=phase, text=t)),
-                                  **extra)
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        on_text = lambda t: emit(TextEvent(type=phase, text=t))  # noqa: E731
+        if fast:
+            out = self.core.decode(messages, self._images(messages), grammar=grammar, max_new_tokens=budget,
+                                   on_text=on_text, should_stop=should_stop, **extra)
+            return out.text, out.finish_reason
+        processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
+        text = self.core.generate(messages, self._images(messages), max_new_tokens=budget,
+                                  logits_processor=[processor], on_text=on_text, **extra)
+        return text, "stop"
 
     def plan(self, conv: Conversation) -> str:
         """The core's reply for the conversation as it stands (not executed), routed as ``run`` would."""
         last = conv.messages[-1] if conv.messages and conv.messages[-1]["role"] == "user" else None
         route = self._route(conv, str(last["content"]), list(last.get("images") or [])) if last else None
-        return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None, route=route).strip()
+        return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None, route=route)[0].strip()
 
     # -- the whole turn ---------------------------------------------------------------------------
     def run(self, message: str, *, images: list[str] | None = None, conversation_id: str | None = None,
-            on_event: Callable[[Event], None] | None = None) -> ChatResult:
-        """One user turn, start to finish. ``images`` are artifact ids already in the store."""
+            on_event: Callable[[Event], None] | None = None, max_tokens: int | None = None,
+            should_stop: Callable[[], bool] | None = None) -> ChatResult:
+        """One user turn, start to finish. ``images`` are artifact ids already in the store.
+
+        ``max_tokens`` caps the answer (a plain reply, or the answer after the calls); ``should_stop``
+        (asked at every decoding step) ends the turn early: no calls are started after it says so.
+        """
         emit = on_event or (lambda e: None)
+        self.check_message(message, images)
+        self._trimmed = 0
         conv = self.conversations.get(conversation_id) if conversation_id else self.conversations.create()
         for image_id in images or []:
             conv.add_artifact(image_id, self.store.get(image_id).kind)
@@ -151,22 +219,30 @@ class Assistant:
 
         emit(StageEvent(stage="planning"))
         prefix_cache = self._prefix_cache()
-        reply = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache,
-                               route=route).strip()
+        reply, finish = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache,
+                                       route=route, should_stop=should_stop,
+                                       max_tokens=max_tokens if route == () else None)
+        reply = reply.strip()
         routed = list(route) if route is not None else None
         parsed = parse(reply)
         validated = validate(parsed, self.registry, max_calls=self.max_calls,
                              artifact_exists=lambda i: i in conv.artifacts)
         errors = [e.to_dict() for e in validated.errors]
-        if not parsed.calls and not parsed.errors:
+        if should_stop is not None and should_stop():
+            finish = "cancelled"  # the client went away: start no calls
+        if not parsed.calls and not parsed.errors or finish == "cancelled":
             answer, corrections = reply, []
+            if max_tokens is not None and finish != "cancelled":
+                answer, cut = self._cap(answer, max_tokens)
+                finish = "length" if cut else finish
             if self.cannot_see is not None:
                 images = self._images(self._prompt_messages(conv)).values()
                 answer, corrections = unseen_answer(reply, sum(bool(self.cannot_see(i)) for i in images))
             conv.messages.append({"role": "assistant", "content": answer})
             self.conversations.save(conv)
             result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=[], errors=[], artifacts=[],
-                                route=routed, corrections=corrections)
+                                route=routed, corrections=corrections, finish_reason=finish,  # type: ignore[arg-type]
+                                trimmed_messages=self._trimmed)
             emit(StageEvent(stage="done"))
             emit(result)
             return result
@@ -195,18 +271,34 @@ class Assistant:
         emit(StageEvent(stage="answering"))
         # The answer is checked against the calls before anyone sees it (fusion.faithful_answer), so
         # it is sent once checked (word by word), not as the core writes it.
-        drafted = self._generate(conv, allow_calls=False, phase="answer", emit=lambda e: None,
-                                 prefix_cache=prefix_cache).strip()
-        answer, corrections = faithful_answer(drafted, calls)
+        drafted, finish = self._generate(conv, allow_calls=False, phase="answer", emit=lambda e: None,
+                                         prefix_cache=prefix_cache, max_tokens=max_tokens, should_stop=should_stop)
+        answer, corrections = faithful_answer(drafted.strip(), calls)
+        if max_tokens is not None and finish != "cancelled":
+            answer, cut = self._cap(answer, max_tokens)
+            finish = "length" if cut or finish == "length" else finish
         for piece in re.findall(r"\s*\S+", answer):
             emit(TextEvent(type="answer", text=piece))
         conv.messages.append({"role": "assistant", "content": answer})
         self.conversations.save(conv)
         result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=calls, errors=errors,
-                            artifacts=artifacts, route=routed, corrections=corrections)
+                            artifacts=artifacts, route=routed, corrections=corrections,
+                            finish_reason=finish, trimmed_messages=self._trimmed)  # type: ignore[arg-type]
         emit(StageEvent(stage="done"))
         emit(result)
         return result
+
+    def _cap(self, answer: str, max_tokens: int) -> tuple[str, bool]:
+        """The answer cut to ``max_tokens`` tokens (the checked answer may be the calls' own summaries,
+        longer than what the core wrote), and whether it was cut."""
+        tok = getattr(self.core, "tokenizer", None)
+        if tok is None or not hasattr(tok, "encode"):
+            words = answer.split(" ")
+            return (" ".join(words[:max_tokens]), True) if len(words) > max_tokens else (answer, False)
+        ids = tok.encode(answer, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            return answer, False
+        return tok.decode(ids[:max_tokens], skip_special_tokens=True), True
 
     def stream(self, message: str, **kw: Any) -> Iterator[Event]:
         """The same turn as ``run``, as an iterator of events (the last one is the ChatResult).

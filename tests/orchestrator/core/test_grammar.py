@@ -158,3 +158,61 @@ def test_a_route_allows_exactly_its_calls_in_order(reg) -> None:
     # without a route the same grammar takes any order and free text
     free = CommandGrammar.from_registry(reg, {IMG: "image", MASK: "mask"})
     assert free.complete(f'Cropping. <call id="c1" expert="crop" image="{IMG}" region="[0,0,500,500]"/>')
+
+
+def test_forced_continuations_jump_forward(reg) -> None:
+    """What the grammar leaves no choice about is forced: a routed call's syntax and expert name, the
+    only candidate artifact, the rest of a unique argument name; free choices are never forced."""
+    g = CommandGrammar.from_registry(reg, {IMG: "image"}, route=("find",), canonical=True)
+    s = g.start()
+    assert g.forced(s) == '<call id="c1" expert="find" '  # find has required arguments: no "/>" yet
+    g.feed(s, '<call id="c1" expert="find" i')
+    assert g.forced(s) == f'mage="{IMG}" '  # the only image of the conversation, then query is still due
+    g.feed(s, f'mage="{IMG}" ')
+    assert g.forced(s) == ""  # query or confidence: the model chooses
+    g.feed(s, "q")
+    assert g.forced(s) == 'uery="'
+    g.feed(s, 'uery="red"')
+    assert g.forced(s) == ""  # " confidence=…" or "/>"
+    g.feed(s, "/")
+    assert g.forced(s) == ">"
+    g.feed(s, ">")
+    assert g.can_end(s) and g.forced(s) == ""
+    # two images: the value is the model's choice; free text is never forced
+    two = CommandGrammar.from_registry(reg, {IMG: "image", IMG2: "image"}, canonical=True)
+    t = two.start()
+    assert two.forced(t) == ""
+    two.feed(t, '<')
+    assert two.forced(t) == 'call id="c1" expert="'
+    two.feed(t, 'call id="c1" expert="find" image="')
+    assert two.forced(t) == "image-"
+
+
+def test_forced_text_is_always_viable(reg) -> None:
+    """Walking a reply and appending every forced continuation never leaves the grammar."""
+    g = CommandGrammar.from_registry(reg, {IMG: "image", MASK: "mask"}, route=("find", "paint"), canonical=True)
+    two = (f'<call id="c1" expert="find" image="{IMG}" query="dog"/>\n'
+           f'<call id="c2" expert="paint" image="$c1" mask="{MASK}" instruction="blue"/>')
+    s, text = g.start(), ""
+    for _ in two:
+        jump = g.forced(s)
+        assert two.startswith(text + jump), (text, jump)
+        if jump:
+            assert g.feed(s, jump)
+            text += jump
+        if len(text) < len(two) and text == two[:len(text)]:
+            assert g.feed(s, two[len(text)])
+            text += two[len(text)]
+    assert text == two and g.complete(two)
+
+
+def test_canonical_form_fixes_call_ids_and_separators(reg) -> None:
+    g = CommandGrammar.from_registry(reg, {IMG: "image", MASK: "mask"}, route=("find", "crop"), canonical=True)
+    two = f'<call id="c1" expert="find" image="{IMG}" query="dog"/>\n<call id="c2" expert="crop" image="{IMG}" boxes="$c1"/>'
+    assert g.complete(two)
+    assert not g.viable('<call id="x1"')
+    assert not g.viable(" <call")
+    assert not g.viable(two.replace("\n", " "))
+    free = CommandGrammar.from_registry(reg, {IMG: "image"}, canonical=True)
+    assert free.complete(f'Sure. <call id="c1" expert="find" image="{IMG}" query="x"/>')
+    assert not free.viable('<call id="c2"')

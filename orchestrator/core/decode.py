@@ -1,0 +1,193 @@
+"""Jump-forward decoding: greedy, grammar-constrained, with forced text appended without forward passes.
+
+``decode(core, …)`` decodes the next assistant turn of a ``CoreModel``: one forward pass per token the
+model chooses; where the grammar admits exactly one continuation (``grammar.forced``: a tag's syntax, a
+routed expert's name, the only image's id …) that text is fed in the next pass together with the last
+chosen token (SGLang's jump-forward), the reply re-tokenised and the KV cache rolled back to the common
+prefix. ``CoreModel.decode`` is this function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.core.format import images_in
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+
+@dataclass
+class DecodeResult:
+    """One decoded reply and what it cost: forward ``passes``, reply ``tokens`` (``forced_tokens`` of
+    them appended by jump-forward), ``prompt_tokens``; ``finish_reason`` is "stop", "length" or
+    "cancelled"."""
+
+    text: str
+    finish_reason: str = "stop"
+    passes: int = 0
+    tokens: int = 0
+    forced_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | None = None, *, grammar: Any,
+           max_new_tokens: int = 160, jump_forward: bool = True,
+           on_text: Callable[[str], None] | None = None, system: str | None = None,
+           prefix_cache: Any = None,
+           should_stop: Callable[[], bool] | None = None) -> DecodeResult:
+    """Greedy grammar-constrained decoding of the next assistant turn, with jump-forward.
+
+    One forward pass per token the model chooses. Where the grammar admits exactly one continuation
+    (``grammar.forced``: a tag's syntax, a routed expert's name, the only image's id …) it is appended
+    without asking the model, and its tokens go into the next pass together with the last chosen
+    token (a prefill of several tokens extends the KV cache in one pass). The reply is re-tokenised
+    after each jump, as the model saw replies in training (prompt and reply tokenised apart), and the
+    cache is rolled back to the longest common token prefix (SGLang's jump-forward does the same).
+    ``jump_forward=False`` is plain token-by-token constrained decoding by the same loop (the
+    reference the jump-forward replies are checked against). ``should_stop`` is asked before every
+    pass: True ends the reply (``finish_reason="cancelled"``). ``max_new_tokens`` counts reply
+    tokens, forced ones included (``finish_reason="length"`` when reached). ``prefix_cache`` as
+    for :meth:`generate`.
+    """
+    import torch
+
+    from orchestrator.core.grammar import _eos_ids, token_texts
+
+    texts = token_texts(core.tokenizer)
+    eos = set(_eos_ids(core.tokenizer)) | {core.end_id}
+    item = core.encode(messages, images or {}, system=system)
+    prompt = item["input_ids"]
+    image_ids = images_in(messages)
+    reused, fed_images = 0, item["images"]
+    if prefix_cache is not None:
+        reused = prefix_cache.take(prompt, image_ids, core.image_token_id, core.image_seq_length)
+        skip = sum(t == core.image_token_id for t in prompt[:reused]) // core.image_seq_length
+        fed_images = fed_images[skip:]
+    kv = prefix_cache.kv if prefix_cache is not None and reused else None
+    if kv is None:
+        from transformers import DynamicCache
+
+        kv = DynamicCache(config=core.model.config.get_text_config())
+    pixels = core.pixel_values(fed_images).to(core.device, core.model.dtype) if fed_images else None
+    state = grammar.start()
+    reply: list[int] = []  # the reply's tokens so far
+    cached = reused  # how many tokens of prompt + reply the cache holds
+    passes, forced_tokens, finish = 0, 0, "stop"
+    sent = ""
+
+    def stream() -> None:
+        nonlocal sent
+        if on_text is None:
+            return
+        text = core.tokenizer.decode(reply, skip_special_tokens=True)
+        if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+            on_text(text[len(sent):])
+            sent = text
+
+    with torch.inference_mode():
+        while True:
+            jump = grammar.forced(state) if jump_forward else ""
+            if jump:
+                done = core.tokenizer.decode(reply, skip_special_tokens=False)
+                canonical = core.tokenizer(done + jump, add_special_tokens=False)["input_ids"]
+                # The last token of the jump is left to the model when a longer token could take its
+                # place (`"` before `"/>`, a space before ` image`): the core only ever saw the
+                # tokenizer's own split of whole replies, never a lone `"` where `"/>` belongs.
+                if canonical and _may_merge(core, grammar, canonical, texts):
+                    canonical = canonical[:-1]
+                text = core.tokenizer.decode(canonical, skip_special_tokens=False)
+                if len(text) > len(done):
+                    common = 0
+                    while common < min(len(reply), len(canonical)) and reply[common] == canonical[common]:
+                        common += 1
+                    forced_tokens += len(canonical) - common
+                    if cached > len(prompt) + common:  # re-tokenised inside the cache: roll back
+                        kv.crop(-(cached - len(prompt) - common))
+                        cached = len(prompt) + common
+                    reply = canonical
+                    state = grammar.start()
+                    grammar.feed(state, text)
+                    stream()
+            if len(reply) >= max_new_tokens:
+                finish = "length"
+                break
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+                break
+            feed = (prompt + reply)[cached:]
+            if not feed:  # everything is cached already: recompute the last token for its logits
+                kv.crop(-1)
+                cached -= 1
+                feed = (prompt + reply)[cached:]
+            kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device),
+                                      "past_key_values": kv, "use_cache": True, "logits_to_keep": 1}
+            if passes == 0 and pixels is not None:
+                kwargs["pixel_values"] = pixels
+            out = core.model(**kwargs)
+            kv = out.past_key_values
+            passes += 1
+            cached += len(feed)
+            tid = _best_token(grammar, state, out.logits[0, -1].float(), texts, eos)
+            if tid is None or tid in eos:
+                break
+            reply.append(tid)
+            grammar.feed(state, texts[tid])
+            stream()
+    total = prompt + reply
+    if prefix_cache is not None:
+        prefix_cache.keep(total, image_ids, kv, prompt=len(prompt), reused=reused)
+    text = core.tokenizer.decode(reply, skip_special_tokens=True)
+    return DecodeResult(text=text, finish_reason=finish, passes=passes, tokens=len(reply),
+                        forced_tokens=forced_tokens, prompt_tokens=len(prompt))
+
+def _may_merge(core: Any, grammar: Any, ids: list[int], texts: list[str]) -> bool:
+    """Whether a longer token that starts with the last token's text could follow the rest: some
+    token extends it by a character the grammar allows there (a superset of the exact test, which
+    only costs a pass where it holds back needlessly)."""
+    index = _EXTENSIONS.get(id(core.tokenizer))
+    if index is None:
+        index = _EXTENSIONS[id(core.tokenizer)] = _extensions(texts)
+    following = index.get(texts[ids[-1]])
+    if not following:
+        return False
+    state = grammar.start()
+    if not grammar.feed(state, core.tokenizer.decode(ids, skip_special_tokens=False)):
+        return False
+    return any(grammar.feed(state.copy(), c) for c in following)
+
+def _best_token(grammar: Any, state: Any, scores: Any, texts: list[str], eos: set[int]) -> int | None:
+    """The highest-scoring token that keeps the reply viable (None: none among the first 4,096)."""
+    import torch
+
+    from orchestrator.core.grammar import TEXT
+
+    free_text = state.mode == TEXT and grammar.route is None
+    for k in (16, 4096):
+        order = torch.topk(scores, min(k, scores.shape[0])).indices.tolist()
+        for tid in order[16 if k > 16 else 0:]:
+            if tid in eos:
+                ok = grammar.can_end(state)
+            else:
+                text = texts[tid]
+                ok = (free_text and "<" not in text) or grammar.feed(state.copy(), text)
+            if ok:
+                return tid
+    return None
+
+
+_EXTENSIONS: dict[int, dict[str, set[str]]] = {}  # per tokenizer: see _extensions
+
+
+def _extensions(texts: list[str]) -> dict[str, set[str]]:
+    """For each token text that begins a longer token: the characters that follow it there."""
+    known = set(texts)
+    out: dict[str, set[str]] = {}
+    for t in texts:
+        for k in range(1, len(t)):
+            if t[:k] in known:
+                out.setdefault(t[:k], set()).add(t[k])
+    return out
