@@ -914,8 +914,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
         found = router.route_batch([it.request for it in items], [bool(it.image) for it in items], registry)
         for i, r in enumerate(found):
             arts = {a: "image" for a in convs[i][1]}
-            ok = not r.experts or CommandGrammar.from_registry(registry, arts, route=tuple(r.experts)).viable(
-                f'<call id="c1" expert="{r.experts[0]}"')
+            ok = CommandGrammar.from_registry(registry, arts, route=tuple(r.experts)).serves_route()
             routes[i] = tuple(r.experts) if ok else None
     # one route per batch (the grammar is shared by a batch's rows), shortest requests together
     order = sorted(range(len(items)), key=lambda i: (str(routes[i]), len(items[i].request)))

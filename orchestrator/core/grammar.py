@@ -365,6 +365,11 @@ class CommandGrammar:
             return self.experts
         return [n for n in self.route[state.calls:state.calls + 1] if n in self.experts]
 
+    def serves_route(self) -> bool:
+        """Whether the routed calls can begin here: the first routed expert exists and its required
+        arguments can be filled (an image to read, say). No route: True."""
+        return not self.route or self.viable(f'<call id="c1" expert="{self.route[0]}"')
+
     def can_end(self, state: State) -> bool:
         return state.mode == TEXT and (self.route is None or state.calls >= len(self.route))
 

@@ -162,8 +162,7 @@ class Assistant:
         has_image = any(kind == "image" for kind in conv.artifacts.values())
         route = self.router.route(message, has_image=has_image, registry=self.registry).experts
         if route:
-            grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, route=tuple(route))
-            if not grammar.viable(f'<call id="c1" expert="{route[0]}"'):
+            if not CommandGrammar.from_registry(self.registry, conv.artifacts, route=tuple(route)).serves_route():
                 return None
         return tuple(route)
 
