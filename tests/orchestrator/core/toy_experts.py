@@ -44,6 +44,22 @@ class CaptionExpert(Expert):
     ]
 
 
+class ReadTextExpert(Expert):
+    """An OCR-like plugin: its examples share "this image" / "the picture" with describe questions."""
+
+    name = "readtext"
+    description = "Read the text in an image (signs, labels, documents); returns the text."
+    Args = ImageArgs
+    Result = ExpertResult
+    examples = [
+        Example(request="read the text in this picture", args={"image": "{image}"}),
+        Example(request="what text is in the image?", args={"image": "{image}"}),
+        Example(request="what does the sign say", args={"image": "{image}"}),
+        Example(request="transcribe the writing", args={"image": "{image}"}),
+        Example(request="extract the text from this image", args={"image": "{image}"}),
+    ]
+
+
 # Held-out requests (with an image attached): different wording from the examples above.
 HELD_OUT = {
     "depth": [
