@@ -1,6 +1,6 @@
 """Closed-loop evaluation: scripted multi-turn conversations through the real loop (issue #26).
 
-    switchboard eval conversations --json [--n N] [--seed S] [--errors FILE]
+    switchboard eval conversations --json [--n N] [--seed S] [--errors FILE]   # N: 200 by default
     switchboard eval conversations --n 200 --turns T.jsonl --artifacts DIR   # keep what it needs to ...
     switchboard eval conversations --rescore T.jsonl --artifacts DIR         # ... check again, loop not rerun
 
@@ -26,12 +26,14 @@ claims against the call results and the scene. Conversations cycle through five 
 
 Metrics: ``answer_faithfulness`` (share of answers whose every claim — colour-shape pairs named,
 counts, actions said: found / masked / drew / removed / recoloured, failures owned up to — is true
-of the call results or of the scene: a count that matches what a call returned is faithful even
-when the call miscounted, which ``count_exact``/``turn_success`` then record), ``turn_success``,
-``followup_success`` (follow-up turns only), ``success_by_turn``, ``describe_grounding_f1`` (micro
-F1 of colour-shape pairs named vs present), ``count_exact``, ``referring_miou``, counts and seconds.
-Measurement only: nothing is trained (``switchboard train conversations`` says so). On the 2-core
-development machine a turn takes ~14 s (20 conversations = 28 turns ≈ 7 min; the issue's 200 ≈ 70 min).
+of the call results or of the scene, and that say what an edit of the turn did: a count that matches
+what a call returned is faithful even when the call miscounted, which ``count_exact``/``turn_success``
+then record), ``turn_success``, ``followup_success`` (follow-up turns only), ``success_by_turn`` and
+``faithfulness_by_turn`` (per kind of turn), ``describe_f1`` (micro F1 of colour-shape pairs named vs
+present), ``count_exact``, ``referring_miou``, counts and seconds. Measurement only: nothing is trained
+(``switchboard train conversations`` says so). The default is the issue's 200 conversations (280 turns);
+on the 2-core development machine that is ~30-60 min (describe and count turns, answered from the
+detector's evidence, take ~1 s; edit turns ~15 s), so develop with ``--n 20``.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ ACTIONS: dict[str, re.Pattern[str]] = {
 }
 # "recoloured it blue", "made the red circle blue", "recolour: repainted ... as 'blue square'"
 _RECOLOUR_VERB = re.compile(r"\b(recolou?red|recolou?r:|recolou?r|painted|coloured|colored|made|turned|changed)\b")
+# an answer to a turn with an edit must say what the edit did ("Here is the mask" after a recolour does not)
+_SAYS_EDIT = {
+    "remove": re.compile(r"\b(remov\w*|eras\w*|delet\w*|gone|got rid)"),
+    "recolour": re.compile(r"\b(recolou?r\w*|colou?red|colored|painted|repainted|made|turned|changed)\b"),
+    "replace": re.compile(r"\b(replac\w*|turned|changed|swapp\w*|repainted|put|drew|drawn)\b"),
+}
 _NOT_RECOLOUR = re.compile(r"\b(masks?|box(?:es)?|overlay|crop|drawing|picture of|image of)\b")
 
 
@@ -491,6 +499,10 @@ def check_answer(answer: str, calls: list[Any], scene: Scene, turn: Turn) -> lis
                                     if _get(c, "expert") == "edit")
             if colour and colour not in asked.lower():
                 problems.append(f"says '{said.strip()}' but the edit was not to {colour}")
+    for r in _done(calls, "edit"):
+        action = _edit_action(r)
+        if action and not _SAYS_EDIT[action].search(answer.lower()):
+            problems.append(f"does not say what the edit did ({action})")
     return problems
 
 
@@ -680,7 +692,7 @@ def metrics(outcomes: list[TurnOutcome], scripts: list[Script], size: int = SCEN
             present = scene_pairs(scene_for(by_conv[o.conversation].scene_seed, size))
             named = named_pairs(o.answer)
             tp, fp, fn = tp + len(named & present), fp + len(named - present), fn + len(present - named)
-    res["describe_grounding_f1"] = round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None
+    res["describe_f1"] = round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None
     counts = [o for o in outcomes if o.kind == "count"]
     res["count_exact"] = _ratio(sum(o.success for o in counts), len(counts))
     refs = [o for o in outcomes if o.kind == "refseg"]
@@ -748,7 +760,8 @@ def main_eval(argv: list[str], *, assistant: Any = None) -> int:
                                 "run through the real loop (as `switchboard chat`), each turn and each answer's "
                                 "claims checked against the scene's ground truth and the call results.")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--n", type=int, default=20, help="conversations (default 20; the issue's size is 200)")
+    p.add_argument("--n", type=int, default=200, help="conversations (default 200, the issue's size; ~30-60 min "
+                   "on 2 cores: develop with --n 20)")
     p.add_argument("--seed", type=int, default=0, help="which held-out draw of scenes and phrasings (default 0)")
     p.add_argument("--kind", choices=SCRIPTS, action="append", help="only these scripts (repeatable)")
     p.add_argument("--errors", type=Path, default=None, help="write the failing turns to this JSON file")

@@ -11,7 +11,9 @@ support, the answer becomes the calls' own summaries (``compose``). What is chec
   reported in its own words: the core has not been taught to say that;
 - every number in the answer appears in what the calls returned (counts, percentages, sizes), and a
   counted object ("2 red circles") is counted the same way there;
-- every colour-and-shape phrase ("red circle") names something a call returned.
+- every colour-and-shape phrase ("red circle") names something a call returned;
+- what an edit did is said: an answer to a turn that removed, recoloured or replaced something names
+  that action ("Here is the mask of the red circle" after a recolour does not).
 
 A check can only replace an answer with the calls' own words, never add a claim, so a false alarm
 costs style, not truth.
@@ -69,8 +71,44 @@ def _plural(word: str, n: int) -> str:
     return word if n == 1 else word + "es" if word.endswith(("s", "x", "sh", "ch")) else word + "s"
 
 
+# what an edit did (its summary starts with the action) and words that say it
+EDIT_ACTION = re.compile(r"^\s*(remove|recolour|replace)\b")
+SAYS_ACTION = {
+    "remove": re.compile(r"\b(remov\w*|eras\w*|delet\w*|gone|got rid|took \w+ out|taken out)\b", re.I),
+    "recolour": re.compile(r"\b(recolou?r\w*|colou?red|painted|repainted|made|turned|changed)\b", re.I),
+    "replace": re.compile(r"\b(replac\w*|turned|changed|swapp\w*|repainted|put|drew|drawn)\b", re.I),
+}
+
+
+def _edit_action(c: CallRecord) -> str | None:
+    m = EDIT_ACTION.match(str((c.result or {}).get("summary", ""))) if c.expert == "edit" else None
+    return m.group(1) if m else None
+
+
+def _friendly_edit(c: CallRecord) -> str | None:
+    """An edit's result in words that say what it did: "removed it (1031 masked pixels repainted as the
+    background; nothing outside the mask changed)"."""
+    action, r = _edit_action(c), c.result or {}
+    if action is None:
+        return None
+    n, prompt = r.get("changed_pixels"), str(r.get("prompt", "")).strip()
+    size = f"{n} masked pixels" if n is not None else "the masked pixels"
+    if action == "remove":
+        return f"removed it: {size} repainted as the background; nothing outside the mask changed"
+    if action == "recolour":
+        return f"recoloured it: {size} repainted as {prompt}; nothing outside the mask changed"
+    return f"replaced it with {prompt}: {size} repainted; nothing outside the mask changed"
+
+
 def _friendly(c: CallRecord) -> str | None:
-    """A detect-style result with ``labels`` in words: "found 2 red circles and 1 blue circle"."""
+    """A detect-style result with ``labels`` in words: "found 2 red circles and 1 blue circle"; an
+    edit's in words that say what it did."""
+    if c.expert == "edit":
+        return _friendly_edit(c)
+    objects = (c.result or {}).get("objects")
+    if c.expert == "segment" and isinstance(objects, list) and objects and all(
+            isinstance(o, dict) and o.get("label") and o.get("area") is not None for o in objects):
+        return "masked " + ", ".join(f"the {o['label']} ({o['area']} px)" for o in objects)
     labels = (c.result or {}).get("labels")
     if not isinstance(labels, list) or (c.result or {}).get("out_of_domain"):
         return None
@@ -93,11 +131,12 @@ def unsupported(answer: str, calls: Sequence[CallRecord]) -> list[str]:
         if c.status == "done" and (c.result or {}).get("out_of_domain"):
             problems.append(f"{c.call_id} ({c.expert}) is out of its model's domain")
     evidence = _evidence(calls)
-    numbers = set(NUMBER.findall(evidence))
+    counts = _counts(calls)
+    # a number is supported when the results hold it, or it is how many objects they returned
+    numbers = set(NUMBER.findall(evidence)) | {str(n) for _, n in counts}
     for n in NUMBER.findall(ARTIFACT_ID.sub(" ", answer)):
         if n not in numbers and n.rstrip("0").rstrip(".") not in numbers:
             problems.append(f"the number {n} is not in the results")
-    counts = _counts(calls)
     for count, colour, shape in COUNTED.findall(answer):
         n = NUMBER_WORDS.get(count.lower(), count)
         kind = f"{colour.lower()} {shape.lower()}".strip()
@@ -106,6 +145,10 @@ def unsupported(answer: str, calls: Sequence[CallRecord]) -> list[str]:
     for colour, shape in COLOUR_SHAPE.findall(answer):
         if f"{colour.lower()} {shape.lower()}" not in evidence:
             problems.append(f"'{colour} {shape}' is not in the results")
+    for c in calls:
+        action = _edit_action(c) if c.status == "done" else None
+        if action is not None and not SAYS_ACTION[action].search(answer):
+            problems.append(f"does not say that {c.call_id} ({c.expert}) did: {action}")
     return problems
 
 

@@ -131,6 +131,11 @@ def test_check_answer_passes_a_correct_answer_and_fails_wrong_ones():
     t = cv.Turn("recolour", "make it blue", target=0, colour="blue")
     assert cv.check_answer(f"I made the {obj.label} blue.", [rec], sc, t) == []
     assert cv.check_answer(f"I made the {obj.label} green.", [rec], sc, t)
+    # an answer that does not say what the edit did ("Here is the mask" after a recolour or a removal)
+    seg = _segment(sc, [obj.mask], [obj.label])
+    assert any("does not say what the edit did" in p
+               for p in cv.check_answer(f"Here is the mask of the {obj.label}.", [seg, rec], sc, t))
+    assert cv.check_answer("Here is the mask.", [_edit("remove", "image-" + "1" * 24)], sc, turn)
     # owning up to a failure needs a failed call; denying what a call saw is false
     assert cv.check_answer("Sorry, I could not do that.", [det], sc, turn)
     failed = _call("detect", None, status="failed")
@@ -274,7 +279,7 @@ def test_evaluate_with_an_oracle_scores_everything_right():
     assert res["n_conversations"] == 5 and res["n_turns"] == 7 and res["n_followup_turns"] == 2
     bad = [(o.kind, o.message, o.answer, o.problems, o.details) for o in outcomes if not (o.success and o.faithful)]
     assert not bad, bad
-    for key in ("answer_faithfulness", "turn_success", "followup_success", "describe_grounding_f1", "count_exact",
+    for key in ("answer_faithfulness", "turn_success", "followup_success", "describe_f1", "count_exact",
                 "referring_miou"):
         assert res[key] == 1.0, key
 
@@ -282,7 +287,7 @@ def test_evaluate_with_an_oracle_scores_everything_right():
 def test_evaluate_catches_a_lying_assistant():
     res, _ = cv.evaluate(OracleAssistant(lie=True), n=2, seed=0)
     assert res["count_exact"] == 0.0 and res["answer_faithfulness"] == 0.0
-    assert res["describe_grounding_f1"] < 1.0
+    assert res["describe_f1"] < 1.0
 
 
 def test_cli_json_and_errors(tmp_path, capsys):

@@ -67,3 +67,27 @@ def test_a_plain_answer_about_an_unseen_photo_names_no_shapes() -> None:
         "names shapes in 1 image(s) outside what the core can see"])
     assert unseen_answer(invented, unseen_images=0) == (invented, [])  # a scene it can see
     assert unseen_answer("It is a photo of a street.", unseen_images=1)[1] == []  # nothing invented
+
+
+def test_an_answer_must_say_what_the_edit_did() -> None:
+    """'Here is the mask of the purple hexagon' after a recolour is replaced by words that name it."""
+    seg = CallRecord(call_id="c1", expert="segment", status="done", args={"target": "the purple hexagon"},
+                     result={"summary": "1 mask: purple hexagon 1939 px ['the purple hexagon' -> purple hexagon]",
+                             "objects": [{"label": "purple hexagon", "area": 1939, "mask": MASK}]})
+    edit = CallRecord(call_id="c2", expert="edit", status="done", args={"image": "x", "mask": "$c1",
+                                                                         "instruction": "make it orange"},
+                      result={"summary": "recolour: repainted 1939 masked pixels as 'an orange hexagon'; pixels "
+                                         "outside the mask unchanged", "prompt": "an orange hexagon",
+                              "changed_pixels": 1939})
+    answer, problems = faithful_answer("Here is the mask of the purple hexagon; it covers 1939 pixels.", [seg, edit])
+    assert problems == ["does not say that c2 (edit) did: recolour"]
+    assert answer == ("Masked the purple hexagon (1939 px). Recoloured it: 1939 masked pixels repainted as an orange "
+                      "hexagon; nothing outside the mask changed.")
+    assert faithful_answer("I made the purple hexagon orange.", [seg, edit]) == (
+        "I made the purple hexagon orange.", [])
+    removed = CallRecord(call_id="c1", expert="edit", status="done", args={"instruction": "remove it"},
+                         result={"summary": "remove: repainted 876 masked pixels as 'an empty background'",
+                                 "prompt": "an empty background", "changed_pixels": 876})
+    answer, problems = faithful_answer("Here is the mask; it covers 876 empty pixels.", [removed])
+    assert problems and answer.startswith("Removed it: 876 masked pixels repainted as the background")
+    assert not unsupported(answer, [removed])
