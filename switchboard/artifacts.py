@@ -4,6 +4,11 @@ Layout under the root::
 
     blobs/ab/abcdef…          the bytes, named by their sha256
     meta/<id>.json            metadata of an artifact id
+    owners/<owner>/<id>       an empty file: ``owner`` (an API key's tenant) may read artifact ``id``
+
+Ids are content hashes, so anyone holding an image could compute its id: who may read an artifact is
+therefore recorded per owner (``claim``/``owned_by``), never derived from the id. Uploads larger than
+``import_max_side`` are downscaled once at import (see ``import_image``).
 
 An artifact id is ``<kind>-<first 24 hex digits of sha256(kind + bytes)>``. Ids are checked against a
 strict pattern before anything touches the filesystem, and paths are built from the hex digits only,
@@ -30,6 +35,8 @@ from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, I
 
 KINDS = ("image", "overlay", "mask", "boxes", "text", "json")
 ID_PATTERN = re.compile(r"^(?P<kind>image|overlay|mask|boxes|text|json)-(?P<hex>[0-9a-f]{24})$")
+# An owner (tenant) name is a path component: checked against this before it touches the filesystem.
+OWNER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Image formats we decode; everything else is refused before PIL's plugin zoo sees it.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 # An overlay or a mask is still an image: an image argument accepts any of these (accepted_kinds).
@@ -122,8 +129,12 @@ def sniff_image(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[str, i
     return fmt, w, h
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str = "RGB"):
-    """Safely decode image bytes into a PIL image in ``mode`` (pixels loaded, file closed)."""
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str = "RGB", max_side: int | None = None):
+    """Safely decode image bytes into a PIL image in ``mode`` (pixels loaded, file closed).
+
+    ``max_side``: the image is made to fit ``max_side`` x ``max_side`` (aspect kept); a JPEG is then
+    decoded at a reduced DCT scale, so a large photo never exists in memory at full size.
+    """
     from PIL import Image
 
     sniff_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
@@ -131,10 +142,14 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, mode: str = "R
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _pil_open()(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as im:
+                if max_side is not None and max(im.size) > max_side and im.format == "JPEG":
+                    im.draft("RGB", (max_side, max_side))
                 im.load()
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 out = im.convert(mode)
+            if max_side is not None and max(out.size) > max_side:
+                out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageTooLarge(f"image refused as a decompression bomb: {e}") from None
     except ImageRejected:
@@ -148,10 +163,11 @@ class ArtifactStore:
     """Artifacts on disk, addressed by content. Safe to share between processes."""
 
     def __init__(self, root: Path | str, *, max_image_bytes: int = 20 * 1024 * 1024,
-                 max_image_pixels: int = 40_000_000) -> None:
+                 max_image_pixels: int = 40_000_000, import_max_side: int | None = None) -> None:
         self.root = Path(root)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.import_max_side = import_max_side
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +175,8 @@ class ArtifactStore:
     def from_settings(cls, settings: Any) -> ArtifactStore:
         """The store the settings describe (``switchboard.settings.Settings``)."""
         s = settings
-        return cls(s.artifact_dir, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels)
+        return cls(s.artifact_dir, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+                   import_max_side=getattr(s, "import_max_side", None))
 
     # -- paths (only ever from validated hex digits) --------------------------------------------
     def _blob_path(self, sha: str) -> Path:
@@ -215,10 +232,32 @@ class ArtifactStore:
                               height=image.height, **kw)
 
     def import_image(self, data: bytes, **kw: Any) -> ArtifactMeta:
-        """Store an uploaded image after checking it: size, pixel count, format, and a full decode."""
+        """Store an uploaded image after checking it: size, pixel count, format, and a full decode.
+
+        An image larger than ``import_max_side`` on its longest side is downscaled here, once, and the
+        downscaled copy is the artifact the conversation, the core and every expert read (the core's
+        vision and the detectors work at well under 2048 px; decoding a 40 MP upload on every call is
+        what made memory and latency grow). The original is stored as its own image artifact, named
+        in ``extra["original"]`` (with its size), for an expert that wants full resolution; it lives
+        and goes with the downscaled one (``switchboard gc``).
+        """
         fmt, w, h = sniff_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-        decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-        return self.put_bytes(data, kind="image", media_type=IMAGE_FORMATS[fmt], width=w, height=h, **kw)
+        side = self.import_max_side
+        if side is None or max(w, h) <= side:
+            decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            return self.put_bytes(data, kind="image", media_type=IMAGE_FORMATS[fmt], width=w, height=h, **kw)
+        small = decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_side=side)
+        original = self.put_bytes(data, kind="image", media_type=IMAGE_FORMATS[fmt], width=w, height=h, **kw)
+        extra = {**(kw.pop("extra", None) or {}), "original": original.id, "original_width": w, "original_height": h}
+        buf = io.BytesIO()
+        if fmt == "JPEG":  # a photo: PNG would be several times larger
+            small.save(buf, format="JPEG", quality=92)
+            media_type = "image/jpeg"
+        else:
+            small.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+            media_type = "image/png"
+        return self.put_bytes(buf.getvalue(), kind="image", media_type=media_type, width=small.width,
+                              height=small.height, extra=extra, **kw)
 
     def put_json(self, obj: Any, *, kind: str = "json", **kw: Any) -> ArtifactMeta:
         data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
@@ -263,5 +302,54 @@ class ArtifactStore:
     def list(self) -> list[ArtifactMeta]:
         out = []
         for p in sorted((self.root / "meta").glob("*.json")):
-            out.append(ArtifactMeta.model_validate_json(p.read_bytes()))
+            try:
+                out.append(ArtifactMeta.model_validate_json(p.read_bytes()))
+            except FileNotFoundError:  # removed meanwhile (gc)
+                continue
         return out
+
+    # -- owners ---------------------------------------------------------------------------------
+    def _owner_dir(self, owner: str) -> Path:
+        if not isinstance(owner, str) or not OWNER_PATTERN.match(owner):
+            raise ValueError(f"{str(owner)[:70]!r} is not an owner name (lowercase letters, digits, - and _)")
+        return self.root / "owners" / owner
+
+    def claim(self, artifact_id: str, owner: str) -> None:
+        """Record that ``owner`` may read ``artifact_id`` (idempotent)."""
+        m = _check_id(artifact_id)
+        folder = self._owner_dir(owner)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{m['kind']}-{m['hex']}").touch()
+
+    def owned_by(self, artifact_id: str, owner: str) -> bool:
+        """Whether ``owner`` may read ``artifact_id`` (False for an id that is not one)."""
+        m = ID_PATTERN.match(artifact_id) if isinstance(artifact_id, str) else None
+        return m is not None and (self._owner_dir(owner) / f"{m['kind']}-{m['hex']}").exists()
+
+    def owners(self, artifact_id: str) -> list[str]:
+        m = _check_id(artifact_id)
+        root = self.root / "owners"
+        return sorted(d.name for d in root.iterdir() if (d / f"{m['kind']}-{m['hex']}").exists()) if root.is_dir() else []
+
+    # -- removing -------------------------------------------------------------------------------
+    def remove(self, artifact_ids: list[str] | set[str]) -> int:
+        """Remove artifacts: their metadata, their owners' entries, and each blob no other artifact
+        still uses (the same bytes may be stored under several kinds). Returns how many were removed."""
+        doomed = {a for a in artifact_ids if self.exists(a)}
+        if not doomed:
+            return 0
+        gone_shas: set[str] = set()
+        for artifact_id in doomed:
+            try:
+                gone_shas.add(self.get(artifact_id).sha256)
+            except ArtifactNotFound:
+                continue
+        owner_dirs = [d for d in (self.root / "owners").iterdir() if d.is_dir()] if (self.root / "owners").is_dir() else []
+        for artifact_id in doomed:
+            self._meta_path(artifact_id).unlink(missing_ok=True)
+            for d in owner_dirs:
+                (d / artifact_id).unlink(missing_ok=True)
+        still_used = {m.sha256 for m in self.list()}
+        for sha in gone_shas - still_used:
+            self._blob_path(sha).unlink(missing_ok=True)
+        return len(doomed)

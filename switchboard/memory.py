@@ -31,6 +31,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+#: the history a budget keeps (evictions, setup times per expert): a server that reloads experts on
+#: every call under a tight budget must not grow a list per call
+HISTORY = 256
 
 
 def rss_bytes() -> int:
@@ -40,6 +43,31 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+_libc: Any = None
+
+
+def trim_heap() -> bool:
+    """Give the allocator's free memory back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+
+    A served turn allocates and frees hundreds of MB (activations, decoded images) across many
+    threads; glibc keeps what was freed in per-thread arenas, so a server's RSS creeps up with the
+    number of turns run at once although nothing is retained. Calling this after a turn returns those
+    pages (a few ms). Returns whether anything was released.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+        return bool(_libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        _libc = False
+        return False
 
 
 def peak_rss_bytes() -> int:
@@ -134,10 +162,10 @@ class MemoryBudget:
         self._pins: dict[int, int] = {}
         self._known: dict[str, int] = {}  # footprints measured at earlier loads, by expert name
         self._lock = threading.RLock()
-        #: what was unloaded, in order: (name, bytes, "teardown" | "offload")
+        #: what was unloaded, in order: (name, bytes, "teardown" | "offload"); the latest ``HISTORY``
         self.evictions: list[tuple[str, int, str]] = []
         self.loads: dict[str, int] = {}  # setups per expert name
-        self.load_seconds: dict[str, list[float]] = {}  # how long each setup() took, by expert name
+        self.load_seconds: dict[str, list[float]] = {}  # how long the latest setup()s took, by expert name
         #: the most model bytes resident at once, including a first load's moment over the budget
         self.peak_bytes = 0
         #: the most model bytes resident once each load had made its room (what the budget bounds)
@@ -181,7 +209,9 @@ class MemoryBudget:
         with self._lock:
             self._known[name] = size
             self.loads[name] = self.loads.get(name, 0) + 1
-            self.load_seconds.setdefault(name, []).append(seconds)
+            times = self.load_seconds.setdefault(name, [])
+            times.append(seconds)
+            del times[:-HISTORY]
             self._loaded[id(expert)] = LoadedExpert(name, expert, size, how, device)
             self._loaded.move_to_end(id(expert))
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
@@ -251,10 +281,12 @@ class MemoryBudget:
                 m.to("cpu")
             entry.offloaded = True
             self.evictions.append((entry.name, entry.bytes, "offload"))
+            del self.evictions[:-HISTORY]
             log.info("offloaded expert %s to the CPU (%.1f MiB)", entry.name, entry.bytes / MB)
             return
         self._loaded.pop(id(entry.expert), None)
         self.evictions.append((entry.name, entry.bytes, "teardown"))
+        del self.evictions[:-HISTORY]
         log.info("unloaded expert %s (%.1f MiB) to stay within the budget", entry.name, entry.bytes / MB)
         entry.expert.teardown()
 

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from orchestrator.api.deps import ConversationHeader, JsonBody, MetricsDep, ServingDep, bearer
+from orchestrator.api.deps import ConversationHeader, JsonBody, MetricsDep, OwnerDep, ServingDep, bearer
 from orchestrator.api.protocol import (
     CONVERSATION_HEADER,
     ChatCompletionRequest,
@@ -44,15 +44,16 @@ page = APIRouter(include_in_schema=False)
                          "type": "string", "description": "data: <ChatCompletionChunk JSON> frames"}}}},
                **_errors(400, 404, 413, 415, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, serving: ServingDep,
-                                 _json: JsonBody, conversation: ConversationHeader = None) -> Response:
-    """One user turn: plan, run the expert calls, answer. ``stream: true`` sends the stages as they happen."""
-    turn = await run_in_threadpool(serving.prepare, body, conversation)
+                                 _json: JsonBody, owner: OwnerDep, conversation: ConversationHeader = None) -> Response:
+    """One user turn: plan, run the expert calls, answer. ``stream: true`` sends the stages as they happen.
+    A conversation belongs to the API key that started it; another key gets 404."""
+    turn = await run_in_threadpool(serving.prepare, body, conversation, owner)
     base_url = str(request.base_url).rstrip("/")
     headers = {CONVERSATION_HEADER: turn.conversation_id}
     if body.stream:
         return StreamingResponse(serving.stream(turn, base_url), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    result = await run_in_threadpool(serving.complete, turn, base_url)
+    result = await serving.complete_while_connected(turn, base_url, request.is_disconnected)
     return JSONResponse(result.model_dump(mode="json"), headers=headers)
 
 
@@ -69,9 +70,10 @@ async def retrieve_model(model_id: str, serving: ServingDep) -> ModelCard:
 @api.get("/artifacts/{artifact_id}", response_class=FileResponse, responses={
     200: {"description": "The artifact's bytes, with its media type (image/png, application/json …)",
           "content": {"image/png": {}, "application/json": {}}}, **_errors(404)})
-async def get_artifact(artifact_id: str, serving: ServingDep) -> FileResponse:
-    """An artifact by id (content-addressed, so it never changes)."""
-    path, meta = serving.artifact(artifact_id)
+async def get_artifact(artifact_id: str, serving: ServingDep, owner: OwnerDep) -> FileResponse:
+    """An artifact by id (content-addressed, so it never changes), if this API key uploaded it or one of
+    its conversations made it; any other id is 404."""
+    path, meta = serving.artifact(artifact_id, owner)
     return FileResponse(path, media_type=meta.media_type, headers={
         "Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
         "Content-Disposition": f'inline; filename="{meta.id}"'})

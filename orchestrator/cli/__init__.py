@@ -15,6 +15,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "serve": ("orchestrator.cli.serve", "main", "serve the OpenAI-compatible API and the web chat page"),
     "plan": ("orchestrator.cli.chat", "plan_main", "the core's reply and parsed calls, not executed"),
     "chat": ("orchestrator.cli.chat", "chat_main", "chat with the core: plan, run the calls, answer"),
+    "gc": ("orchestrator.cli.gc", "main", "remove conversations older than the retention and their artifacts"),
 }
 # `switchboard train X` / `switchboard eval X` -> training.X.main_train / main_eval
 RECIPES = ("detector", "segmenter", "generator", "editor", "core", "router", "conversations")

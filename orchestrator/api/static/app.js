@@ -1,15 +1,23 @@
 // Switchboard web chat: streams /v1/chat/completions and shows each stage as it happens.
 // No build step and nothing from a CDN: plain ES modules, DOM APIs and fetch.
+// The conversation (its id and what the page showed) is kept in localStorage, so a reload keeps it;
+// the Stop button aborts the request, and the server stops the turn when the connection closes.
 
 const KEY_STORAGE = "switchboard.apiKey";
+const CONVERSATION_STORAGE = "switchboard.conversation";
 const MAX_ATTACHMENTS = 4;
+const MAX_KEPT_MESSAGES = 60; // what a reload shows (the server keeps the whole conversation)
+const MAX_KEPT_IMAGE_CHARS = 150_000; // larger attached images are not kept for a reload
+const CALL_LOG_LINES = 6; // progress messages kept under each call, so none flashes past unread
 
 const $ = (id) => document.getElementById(id);
 const state = {
   key: localStorage.getItem(KEY_STORAGE) || "",
-  conversation: null, // the page shows one conversation; a reload starts a new one
+  conversation: null, // the page shows one conversation, kept across reloads
+  messages: [], // what the page showed, for a reload: {role: "user", text, images} | {role: "assistant", ...}
   attachments: [], // {url: what the API gets (data: URI or artifact URL), preview: what <img> shows}
   busy: false,
+  controller: null, // the AbortController of the turn in flight
 };
 const blobCache = new Map(); // artifact URL -> Promise<blob: URL>
 
@@ -24,8 +32,14 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// The key in the box is the one used, saved or not ("Save" only keeps it for the next visit).
+function currentKey() {
+  return $("api-key").value.trim();
+}
+
 function authHeaders() {
-  return state.key ? { Authorization: `Bearer ${state.key}` } : {};
+  const key = currentKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
 function scrollDown() {
@@ -40,21 +54,46 @@ function showKeyStatus(text) {
 
 $("api-key").value = state.key;
 showKeyStatus(state.key ? "key saved" : "");
+$("api-key").addEventListener("input", () => {
+  const key = currentKey();
+  showKeyStatus(key === state.key ? (key ? "key saved" : "") : key ? "used, not saved" : "");
+});
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  state.key = $("api-key").value.trim();
+  state.key = currentKey();
   if (state.key) localStorage.setItem(KEY_STORAGE, state.key);
   else localStorage.removeItem(KEY_STORAGE);
   showKeyStatus(state.key ? "key saved" : "no key");
 });
 
 function setConversation(id) {
-  state.conversation = id;
+  if (id !== state.conversation) {
+    state.conversation = id;
+    saveConversation();
+  }
   $("conversation").textContent = id || "new conversation";
 }
 
+function saveConversation() {
+  const kept = { id: state.conversation, messages: state.messages.slice(-MAX_KEPT_MESSAGES) };
+  try {
+    localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(kept));
+  } catch {
+    // over the quota: keep the id and the text, drop the pictures
+    kept.messages = kept.messages.map((m) => ({ ...m, images: [] }));
+    try {
+      localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(kept));
+    } catch {
+      localStorage.removeItem(CONVERSATION_STORAGE);
+    }
+  }
+}
+
 $("new-chat").addEventListener("click", () => {
+  state.controller?.abort();
+  state.messages = [];
   setConversation(null);
+  localStorage.removeItem(CONVERSATION_STORAGE);
   $("log").replaceChildren();
 });
 
@@ -177,10 +216,22 @@ function renderAnswer(container, text) {
 }
 
 // -- one exchange --------------------------------------------------------------------------------
-function userBubble(text, attachments) {
+// How an attachment is kept for a reload: an artifact by its URL (fetched again with the key), a small
+// upload as its data: URI, a large one not at all.
+function keptImage(a) {
+  if (!a.url.startsWith("data:")) return { url: a.url };
+  return a.url.length <= MAX_KEPT_IMAGE_CHARS ? { data: a.url } : null;
+}
+
+function userBubble(text, images) {
   const bubble = el("div", { class: "message user" });
   if (text) bubble.append(el("div", { class: "text", text }));
-  for (const a of attachments) bubble.append(el("img", { class: "thumb", src: a.preview, alt: "attached image" }));
+  for (const image of images) {
+    const thumb = el("img", { class: "thumb", alt: "attached image" });
+    if (image.preview || image.data) thumb.src = image.preview || image.data;
+    else artifactBlobUrl(image.url).then((blobUrl) => { thumb.src = blobUrl; }, () => {});
+    bubble.append(thumb);
+  }
   $("log").append(bubble);
 }
 
@@ -192,12 +243,30 @@ class AssistantBubble {
     this.answer = el("div", { class: "answer" });
     this.node = el("div", { class: "message assistant", "data-state": "running" }, this.stages, this.plan, this.answer);
     this.text = "";
-    this.calls = new Map();
+    this.calls = new Map(); // call id -> {row, label, bar, log, last: the latest event, lines}
     this.stageRows = new Map();
+    this.record = { role: "assistant", stages: [], calls: {}, plan: "", text: "", errors: [], stopped: false };
     $("log").append(this.node);
   }
 
+  // A bubble as it was shown before a reload.
+  static restore(record) {
+    const bubble = new AssistantBubble();
+    for (const name of record.stages || []) bubble.stage(name);
+    for (const { last, lines } of Object.values(record.calls || {})) {
+      bubble.call(last);
+      bubble.callLines(last.call_id, Array.isArray(lines) ? lines : []);
+    }
+    if (record.plan) bubble.addPlan(record.plan);
+    if (record.text) bubble.addContent(record.text);
+    for (const message of record.errors || []) bubble.error(message);
+    if (record.stopped) bubble.stopped();
+    bubble.finish();
+    return bubble;
+  }
+
   stage(name) {
+    this.record.stages.push(name);
     for (const row of this.stageRows.values()) row.classList.replace("active", "finished");
     const labels = { planning: "planning", executing: "running the experts", answering: "answering", done: "done" };
     const row = el("li", { class: `stage ${name === "done" ? "finished" : "active"}`, "data-stage": name,
@@ -206,27 +275,56 @@ class AssistantBubble {
     this.stages.append(row);
   }
 
+  // One row per call: its latest state, a progress bar that stays until the call is done (filled when
+  // done), and its recent progress messages as lines, so a fast sequence is not overwritten unread.
   call(ev) {
-    let row = this.calls.get(ev.call_id);
-    if (!row) {
-      row = el("li", { class: "call", "data-call": ev.call_id });
-      this.calls.set(ev.call_id, row);
+    let entry = this.calls.get(ev.call_id);
+    if (!entry) {
+      const row = el("li", { class: "call", "data-call": ev.call_id });
+      entry = { row, label: el("span", { class: "label" }), bar: el("progress", { max: "1" }),
+        log: el("ul", { class: "call-log" }), lines: [] };
+      row.append(entry.label, entry.bar, entry.log);
+      this.calls.set(ev.call_id, entry);
       this.stages.append(row);
     }
     const pct = ev.stage === "progress" && ev.progress != null ? ` ${Math.round(ev.progress * 100)}%` : "";
     const msg = ev.message ? ` — ${ev.message}` : "";
-    row.dataset.stage = ev.stage;
-    row.className = `call ${ev.stage}`;
-    row.textContent = `${ev.call_id} · ${ev.expert}: ${ev.stage}${pct}${msg}`;
+    entry.row.dataset.stage = ev.stage;
+    entry.row.className = `call ${ev.stage}`;
+    entry.label.textContent = `${ev.call_id} · ${ev.expert}: ${ev.stage}${pct}${msg}`;
+    if (ev.progress != null) entry.bar.value = ev.progress;
+    const ended = ["done", "failed", "invalid", "skipped"].includes(ev.stage);
+    if (ended) {
+      entry.bar.value = ev.stage === "done" ? 1 : entry.bar.value || 0;
+      entry.bar.dataset.state = ev.stage;
+    }
+    if (ev.stage === "progress" && ev.message) {
+      entry.lines = [...entry.lines, `${pct.trim() || "…"} ${ev.message}`].slice(-CALL_LOG_LINES);
+      entry.log.replaceChildren(...entry.lines.map((line) => el("li", { text: line })));
+    }
+    if (ev.stage !== "progress" || !this.record.calls[ev.call_id]) {
+      this.record.calls[ev.call_id] = { last: { call_id: ev.call_id, expert: ev.expert, stage: ev.stage,
+        progress: ev.progress ?? null, message: ev.message || "" }, lines: entry.lines };
+    }
+    this.record.calls[ev.call_id].lines = entry.lines;
+  }
+
+  callLines(callId, lines) {
+    const entry = this.calls.get(callId);
+    entry.lines = lines.slice(-CALL_LOG_LINES).map(String);
+    entry.log.replaceChildren(...entry.lines.map((line) => el("li", { text: line })));
+    this.record.calls[callId].lines = entry.lines;
   }
 
   addPlan(text) {
     this.plan.hidden = false;
     this.planText.textContent += text;
+    this.record.plan += text;
   }
 
   addContent(text) {
     this.text += text;
+    this.record.text = this.text;
     renderAnswer(this.answer, this.text);
   }
 
@@ -240,7 +338,13 @@ class AssistantBubble {
   }
 
   error(message) {
+    this.record.errors.push(message);
     this.node.append(el("div", { class: "error", text: message }));
+  }
+
+  stopped() {
+    this.record.stopped = true;
+    this.node.append(el("div", { class: "stopped muted", text: "stopped" }));
   }
 
   finish() {
@@ -281,13 +385,17 @@ async function send(text, attachments) {
   if (state.conversation) body.conversation_id = state.conversation;
 
   userBubble(text, attachments);
+  state.messages.push({ role: "user", text, images: attachments.map(keptImage).filter(Boolean) });
   const bubble = new AssistantBubble();
   scrollDown();
+  const controller = new AbortController();
+  state.controller = controller;
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
+      signal: controller.signal,
     });
     if (!res.ok) {
       const msg = await errorMessage(res);
@@ -317,9 +425,13 @@ async function send(text, attachments) {
       }
     }
   } catch (err) {
-    bubble.error(`connection failed: ${err.message}`);
+    if (err.name === "AbortError") bubble.stopped();
+    else bubble.error(`connection failed: ${err.message}`);
   } finally {
+    if (state.controller === controller) state.controller = null;
     bubble.finish();
+    state.messages.push(bubble.record);
+    saveConversation();
     scrollDown();
   }
 }
@@ -333,14 +445,39 @@ $("composer").addEventListener("submit", async (e) => {
   $("message").value = "";
   state.busy = true;
   $("send").disabled = true;
+  $("stop").hidden = false;
   try {
     await send(text, attachments);
   } finally {
     state.busy = false;
     $("send").disabled = false;
+    $("stop").hidden = true;
     $("message").focus();
   }
 });
+
+$("stop").addEventListener("click", () => state.controller?.abort());
+
+// -- a reload shows the conversation as it was ----------------------------------------------------
+function restoreConversation() {
+  let kept = null;
+  try {
+    kept = JSON.parse(localStorage.getItem(CONVERSATION_STORAGE) || "null");
+  } catch {
+    kept = null;
+  }
+  if (!kept || typeof kept !== "object") return;
+  state.messages = Array.isArray(kept.messages) ? kept.messages : [];
+  setConversation(typeof kept.id === "string" ? kept.id : null);
+  if (state.messages.length) $("log").replaceChildren();
+  for (const m of state.messages) {
+    if (m.role === "user") userBubble(m.text || "", m.images || []);
+    else if (m.role === "assistant") AssistantBubble.restore(m);
+  }
+  scrollDown();
+}
+
+restoreConversation();
 
 $("message").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) {
