@@ -5,6 +5,11 @@
 - ``switchboard_expert_calls_total{expert, status}`` (done, failed, skipped, invalid),
   ``switchboard_expert_failures_total{expert}`` and ``switchboard_expert_call_seconds{expert}`` (from
   queued to done or failed, so a Celery queue's wait is included);
+- ``switchboard_expert_queue_wait_seconds{expert}`` — from a call's queued event to its started event
+  (with Celery: waiting in the broker for a worker; in-process: for a free thread of the dispatcher);
+- ``switchboard_core_seconds`` — time a turn spent in the core's passes (plan and answer), and
+  ``switchboard_core_tokens{kind}`` — a turn's prompt, cached (of the prompt, taken from the KV cache)
+  and completion tokens (what the API reports as ``usage``);
 - ``switchboard_queue_depth{queue}`` — messages waiting in each expert's Celery queue, asked of the
   broker at scrape time (workers.config.queue_depths); absent with the in-process dispatcher, which has
   no queue.
@@ -27,6 +32,9 @@ from orchestrator.events import CallEvent, CallRecord
 log = logging.getLogger(__name__)
 
 CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CORE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 OTHER = "other"  # label for experts or routes we do not know, so labels stay a small set
 
 
@@ -69,6 +77,12 @@ class Metrics:
                                 "were invalid.", ["expert"], registry=r)
         self.call_seconds = Histogram("switchboard_expert_call_seconds", "Expert call latency, queued to "
                                       "finished.", ["expert"], buckets=CALL_BUCKETS, registry=r)
+        self.queue_wait = Histogram("switchboard_expert_queue_wait_seconds", "Expert call wait, queued to "
+                                    "started.", ["expert"], buckets=WAIT_BUCKETS, registry=r)
+        self.core_seconds = Histogram("switchboard_core_seconds", "Time a turn spent in the core's passes.",
+                                      buckets=CORE_BUCKETS, registry=r)
+        self.core_tokens = Histogram("switchboard_core_tokens", "Tokens of a turn's core passes (prompt, cached "
+                                     "of the prompt, completion).", ["kind"], buckets=TOKEN_BUCKETS, registry=r)
         self._experts: Callable[[], list[str]] = list
 
     def watch_queues(self, settings: Any, queues: Callable[[], list[str]]) -> None:
@@ -96,20 +110,34 @@ class Metrics:
             self.turns.dec()
 
     def call_timer(self) -> Callable[[Any], None]:
-        """An event sink for one turn: observes each call's latency from its queued and final events."""
+        """An event sink for one turn: observes each call's latency from its queued and final events, and
+        its wait from queued to started."""
         queued: dict[str, float] = {}
+        waiting: dict[str, float] = {}
 
         def observe(event: Any) -> None:
             if not isinstance(event, CallEvent):
                 return
             now = event.time or time.time()
             if event.stage == "queued":
-                queued[event.call_id] = now
+                queued[event.call_id] = waiting[event.call_id] = now
+            elif event.stage == "started" and event.call_id in waiting:
+                self.queue_wait.labels(self.expert_label(event.expert)).observe(
+                    max(0.0, now - waiting.pop(event.call_id)))
             elif event.stage in ("done", "failed") and event.call_id in queued:
                 self.call_seconds.labels(self.expert_label(event.expert)).observe(
                     max(0.0, now - queued.pop(event.call_id)))
 
         return observe
+
+    def observe_core(self, usage: Any) -> None:
+        """One turn's time and tokens in the core (an ``orchestrator.core.loop.TurnUsage``)."""
+        if usage is None:
+            return
+        self.core_seconds.observe(max(0.0, float(usage.core_seconds)))
+        self.core_tokens.labels("prompt").observe(usage.prompt_tokens)
+        self.core_tokens.labels("cached").observe(usage.cached_tokens)
+        self.core_tokens.labels("completion").observe(usage.completion_tokens)
 
     def count_calls(self, calls: list[CallRecord]) -> None:
         for call in calls:

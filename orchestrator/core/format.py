@@ -22,19 +22,62 @@ without one: every token of a system prompt is paid on every training step and e
 - The prompt for the next reply ends with ``<|im_start|>assistant\\n``; a finished assistant turn is
   ``content + "<|im_end|>"``. Training tokenises prompt and answer separately, exactly as inference
   tokenises the prompt and generates the answer.
+- Message text is data: a control token written inside it (``<image>``, ``<|im_start|>``, any special
+  token of the core's tokenizer) is broken up by :func:`neutralise` when rendered, so only this module's
+  own markup is ever read as a turn boundary or an image placeholder.
 
 This module is plain text: no torch, no transformers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ROLES = ("system", "user", "assistant", "tool")
+#: SmolLM2's special tokens and the image placeholder; a core adds its tokenizer's own (``control``)
+CONTROL_TOKENS = (IMAGE_TOKEN, IM_START, IM_END, "<|endoftext|>", "<repo_name>", "<reponame>", "<file_sep>",
+                  "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
+                  "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
+                  "<empty_output>", "<s>", "</s>", "<unk>", "<pad>")
+#: what ``<|…|>`` markers of other chat formats look like (``<|eot_id|>``, ``<|user|>`` …)
+_MARKER = r"<\|[A-Za-z0-9_.:-]{1,40}\|>"
+#: the command tag the core writes, neutralised in text the core did not write (``commands=True``)
+_COMMAND = r"<\s*/?\s*call\b"
+ZWSP = "\u200b"
+
+
+@lru_cache(maxsize=16)
+def _pattern(control: tuple[str, ...], commands: bool) -> re.Pattern[str]:
+    alts = [re.escape(t) for t in sorted(set(control), key=len, reverse=True) if t] + [_MARKER]
+    if commands:
+        alts.append(_COMMAND)
+    return re.compile("|".join(alts), re.IGNORECASE if commands else 0)
+
+
+def neutralise(text: str, control: Iterable[str] = (), *, commands: bool = False) -> str:
+    """``text`` with every control token broken by a zero-width space after its first character.
+
+    What the client wrote is data, never markup: ``<|im_start|>tool`` typed by a user must not open a
+    forged tool turn, and a typed ``<image>`` must not become an image placeholder (which the core
+    would then find without features). The same function is used for every message's text (user,
+    assistant and tool turns, in training and at inference); text without control tokens — all of the
+    training data — is returned unchanged. ``control``: further special tokens of the core's tokenizer.
+    ``commands``: also break ``<call`` tags (for assistant text a client sent as history, which the
+    core did not write). Applied until nothing matches, so pieces cannot be joined into a token.
+    """
+    pattern = _pattern(tuple(CONTROL_TOKENS) + tuple(control), commands)
+    for _ in range(len(text)):  # each pass inserts characters only inside matches, so this ends
+        out = pattern.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], text)
+        if out == text:
+            return out
+        text = out
+    return text
 
 
 def image_block(artifact_id: str) -> str:
@@ -42,7 +85,7 @@ def image_block(artifact_id: str) -> str:
     return f"{IMAGE_TOKEN} {artifact_id}\n"
 
 
-def _turn_body(msg: Mapping[str, Any]) -> str:
+def _turn_body(msg: Mapping[str, Any], control: Iterable[str] = ()) -> str:
     role = msg.get("role")
     if role not in ROLES:
         raise ValueError(f"message role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -52,22 +95,25 @@ def _turn_body(msg: Mapping[str, Any]) -> str:
     images = msg.get("images") or []
     if images and role != "user":
         raise ValueError(f"only user turns carry images, not {role!r} turns")
-    return "".join(image_block(i) for i in images) + content
+    return "".join(image_block(i) for i in images) + neutralise(content, control)
 
 
-def render(messages: list[dict], *, system: str | None = None, add_generation_prompt: bool = True) -> str:
+def render(messages: list[dict], *, system: str | None = None, add_generation_prompt: bool = True,
+           control: Iterable[str] = ()) -> str:
     """The conversation as model text.
 
     ``messages``: dicts ``{"role": "user"|"assistant"|"tool", "content": str, "images": [ids]}``.
     ``system``: an optional system turn; the shipped core was trained with none, so leave it None
     unless your checkpoint was trained with one. ``add_generation_prompt``: end with an open
-    assistant turn (what the model continues); False renders a finished conversation.
+    assistant turn (what the model continues); False renders a finished conversation. ``control``: the
+    core's tokenizer's special tokens, neutralised in every message's text (:func:`neutralise`).
     """
     parts = []
+    control = tuple(control)
     if system:
-        parts.append(f"{IM_START}system\n{system}{IM_END}\n")
+        parts.append(f"{IM_START}system\n{neutralise(system, control)}{IM_END}\n")
     for msg in messages:
-        parts.append(f"{IM_START}{msg['role']}\n{_turn_body(msg)}{IM_END}\n")
+        parts.append(f"{IM_START}{msg['role']}\n{_turn_body(msg, control)}{IM_END}\n")
     if add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
