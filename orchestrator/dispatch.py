@@ -22,6 +22,10 @@ from switchboard.artifacts import ArtifactStore
 from switchboard.errors import SwitchboardError
 from switchboard.expert import RunContext, call_expert
 
+#: how often a running plan asks ``should_stop`` (seconds)
+STOP_POLL_S = 0.1
+CANCELLED = "the turn was cancelled (the client went away)"
+
 __all__ = ["CallEvent", "CallFailed", "CallRecord", "Dispatcher", "EventSink", "LocalDispatcher", "PlanResult",
            "execute_call"]
 
@@ -98,9 +102,16 @@ class Dispatcher:
         """Release threads/connections."""
 
     def run_plan(self, plan: Plan, *, conversation_id: str | None = None,
-                 on_event: EventSink | None = None) -> PlanResult:
-        """Run every call of the plan, dependencies first, independent calls concurrently."""
+                 on_event: EventSink | None = None, should_stop: Callable[[], bool] | None = None) -> PlanResult:
+        """Run every call of the plan, dependencies first, independent calls concurrently.
+
+        ``should_stop`` (asked every ``STOP_POLL_S`` while calls run) cancels the turn: from then on no
+        call is started, calls still queued are taken back (``cancel_queued``: a thread-pool future not
+        yet started, a Celery task no worker has taken), and each is reported ``skipped`` ("not run:
+        the turn was cancelled"); calls already running are waited for (what they make is kept).
+        """
         emit: EventSink = on_event or (lambda e: None)
+        stopped = False
         outcomes: dict[str, CallRecord] = {}
         results: dict[str, dict[str, Any]] = {}
         pending = {c.id: c for c in plan.calls}
@@ -113,6 +124,15 @@ class Dispatcher:
             emit(CallEvent(call_id=call.id, expert=call.expert, stage="failed", message=msg, time=time.time()))
 
         while pending or running:
+            if not stopped and should_stop is not None and should_stop():
+                stopped = True
+                for call in pending.values():
+                    fail(call, "skipped", f"{call.expert}: not run: {CANCELLED}")
+                pending.clear()
+                for fut, (call, started, _, args) in list(running.items()):
+                    if self.cancel_queued(fut):
+                        running.pop(fut)
+                        fail(call, "skipped", f"{call.expert}: not run: {CANCELLED}", args, started)
             # start every call whose dependencies are settled
             for cid, call in list(pending.items()):
                 deps = set(call.depends_on.values())
@@ -144,7 +164,10 @@ class Dispatcher:
                 break
             now = time.monotonic()
             next_deadline = min(d for _, _, d, _ in running.values())
-            done, _ = cf.wait(list(running), timeout=max(0.0, next_deadline - now), return_when=cf.FIRST_COMPLETED)
+            wait_s = max(0.0, next_deadline - now)
+            if should_stop is not None and not stopped:
+                wait_s = min(wait_s, STOP_POLL_S)
+            done, _ = cf.wait(list(running), timeout=wait_s, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 call, started, _, args = running.pop(fut)
                 try:
@@ -173,6 +196,11 @@ class Dispatcher:
 
     def on_timeout(self, fut: cf.Future) -> None:
         """Hook: a call ran past its limit (the queued dispatcher revokes the task)."""
+
+    def cancel_queued(self, fut: cf.Future) -> bool:
+        """Take back a submitted call that has not started; True when it will never run. Default: cancel
+        the future (a thread pool's queued job); a call already running is left to finish."""
+        return fut.cancel()
 
 
 class LocalDispatcher(Dispatcher):

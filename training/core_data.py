@@ -55,7 +55,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -568,7 +568,7 @@ class Generator:
     """Composes samples from a registry. ``generate(n)`` gives a deterministic list for a seed/split."""
 
     def __init__(self, registry: Any = None, *, split: str = "train", seed: int = 0, n_scenes: int = 400,
-                 planned: bool = True) -> None:
+                 planned: bool = True, handles: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.registry = data_registry(registry, planned=planned)
@@ -579,6 +579,8 @@ class Generator:
         self._intents = [(n, ex) for n, exs in self.examples.items() for ex in exs
                          if not _extra_artifacts(self.registry.get_class(n), ex.args)]
         self.phrasings = {n: p for n in self.registry.names() if (p := expert_phrasings(self.registry, n, split))}
+        #: write short handles (img1, mask1 …) instead of artifact ids, as the loop shows a core that reads them
+        self.handles = handles
 
     # -- helpers --------------------------------------------------------------------------------
     def has(self, *names: str) -> bool:
@@ -763,13 +765,27 @@ class Generator:
         return self.sample_none()
 
     def generate(self, n: int, kind: str | None = None) -> list[Sample]:
-        return [self.sample(kind) for _ in range(n)]
+        samples = [self.sample(kind) for _ in range(n)]
+        return [with_handles(s) for s in samples] if self.handles else samples
 
 
 def generate(n: int, *, split: str = "train", seed: int = 0, registry: Any = None,
-             kind: str | None = None) -> list[Sample]:
+             kind: str | None = None, handles: bool = False) -> list[Sample]:
     """``n`` samples of a split (deterministic for a seed); see ``Generator``."""
-    return Generator(registry, split=split, seed=seed).generate(n, kind)
+    return Generator(registry, split=split, seed=seed, handles=handles).generate(n, kind)
+
+
+def with_handles(sample: Sample) -> Sample:
+    """The sample as a core that reads and writes short handles sees it (``orchestrator.core.handles``,
+    given as the loop gives them): the artifact ids of its prompt, answer, images and gold calls replaced
+    by ``img1``, ``mask1`` …; the same samples otherwise (for retraining the core on handles)."""
+    from orchestrator.core.handles import Handles
+
+    h = Handles.for_conversation(sample.messages)
+    calls = [{**c, "args": {k: h.text(v) if isinstance(v, str) else v for k, v in c["args"].items()}}
+             for c in sample.calls]
+    return replace(sample, messages=h.messages(sample.messages), answer=h.text(sample.answer),
+                   images=h.images(sample.images), calls=calls)
 
 
 # -- chains and follow-ups --------------------------------------------------------------------------

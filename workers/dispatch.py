@@ -266,6 +266,32 @@ class QueuedDispatcher(Dispatcher):
             p.deadline = time.monotonic()
             self._check_deadlines(force={p.task_id})
 
+    def cancel_queued(self, fut: cf.Future) -> bool:
+        """Give up a call no worker has started (its turn was cancelled), atomically with the workers'
+        start (ABANDON, as at closing): True when it will never run; False when it has started (or the
+        broker cannot say), and it is waited for as usual."""
+        with self._lock:
+            task_id = self._by_future.get(fut)
+            p = self._pending.get(task_id) if task_id else None
+        if p is None or p.running:
+            return False
+        now = time.time()  # queue_by = now: a call not started is late at once
+        try:
+            given_up, _ = self._abandon(
+                keys=[RESULT_KEY_PREFIX + p.task_id],
+                args=[json.dumps(revoked_meta(p.task_id, "given up by the orchestrator: the turn was cancelled")),
+                      int(self.app.conf.result_expires.total_seconds()
+                          if hasattr(self.app.conf.result_expires, "total_seconds")
+                          else self.app.conf.result_expires or 0),
+                      repr(now), repr(now), repr(p.run_s)],
+                client=self._quick)
+        except (redis.RedisError, OSError):
+            return False
+        if not given_up:
+            return False
+        self._settle(p, error=f"{p.expert}: not run: the turn was cancelled")
+        return True
+
     def close(self) -> None:
         self._closed.set()
         for t in (self._listener, self._watcher):
@@ -453,6 +479,7 @@ class QueuedDispatcher(Dispatcher):
             return
         try:
             pipe = self._quick.pipeline(transaction=False)
+            wall = time.time()  # one clock reading: "now" must not come before a closing call's "deadline"
             for p in late:
                 reason = ("the orchestrator was closed" if closing else
                           ("ran past its limit" if p.running else "waited in its queue past its deadline"))
@@ -462,7 +489,7 @@ class QueuedDispatcher(Dispatcher):
                                         if hasattr(self.app.conf.result_expires, "total_seconds")
                                         else self.app.conf.result_expires or 0),
                                     # closing: a call still queued is given up now (it would run for nobody)
-                                    repr(time.time()), repr(time.time() if closing else p.queue_by), repr(p.run_s)],
+                                    repr(wall), repr(wall if closing else p.queue_by), repr(p.run_s)],
                               client=pipe)
             replies = pipe.execute()
             facts = {} if closing else self._facts({p.queue for p in late if not p.running})

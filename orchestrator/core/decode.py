@@ -10,6 +10,7 @@ prefix. ``CoreModel.decode`` is this function.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,8 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
            max_new_tokens: int = 160, jump_forward: bool = True,
            on_text: Callable[[str], None] | None = None, system: str | None = None,
            prefix_cache: Any = None,
-           should_stop: Callable[[], bool] | None = None) -> DecodeResult:
+           should_stop: Callable[[], bool] | None = None, batched: bool = True,
+           sampling: Any = None) -> DecodeResult:
     """Greedy grammar-constrained decoding of the next assistant turn, with jump-forward.
 
     One forward pass per token the model chooses. Where the grammar admits exactly one continuation
@@ -51,7 +53,11 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     reference the jump-forward replies are checked against). ``should_stop`` is asked before every
     pass: True ends the reply (``finish_reason="cancelled"``). ``max_new_tokens`` counts reply
     tokens, forced ones included (``finish_reason="length"`` when reached). ``prefix_cache`` as
-    for :meth:`generate`.
+    for :meth:`generate`. ``batched``: run the forward passes through the core's ``batcher`` (a
+    :class:`~orchestrator.core.batching.StepBatcher`, shared by the turns decoding at the same time)
+    when it has one; False calls the model directly. ``sampling`` (an
+    ``orchestrator.core.sampling.Sampling``): the tokens the model chooses are drawn with its
+    temperature, nucleus, seed and penalties instead of greedily.
     """
     import torch
 
@@ -78,6 +84,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     cached = reused  # how many tokens of prompt + reply the cache holds
     passes, forced_tokens, finish = 0, 0, "stop"
     sent = ""
+    sampler = sampling.sampler() if sampling is not None else None
 
     def stream() -> None:
         nonlocal sent
@@ -88,7 +95,8 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
             on_text(text[len(sent):])
             sent = text
 
-    with torch.inference_mode():
+    batcher = getattr(core, "batcher", None) if batched else None
+    with torch.inference_mode(), (batcher.session() if batcher is not None else nullcontext()):
         while True:
             jump = grammar.forced(state) if jump_forward else ""
             if jump:
@@ -123,15 +131,24 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                 kv.crop(-1)
                 cached -= 1
                 feed = (prompt + reply)[cached:]
-            kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device),
-                                      "past_key_values": kv, "use_cache": True, "logits_to_keep": 1}
-            if passes == 0 and pixels is not None:
-                kwargs["pixel_values"] = pixels
-            out = core.model(**kwargs)
-            kv = out.past_key_values
+            step_pixels = pixels if passes == 0 else None
+            if batcher is not None:  # with whatever other turns are decoding now (orchestrator.core.batching)
+                logits = batcher.step(feed, kv, step_pixels)
+            else:
+                kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device),
+                                          "cache": kv, "use_cache": True, "logits_to_keep": 1}
+                if step_pixels is not None:
+                    kwargs["pixel_values"] = step_pixels
+                out = core.model(**kwargs)
+                kv, logits = out.cache, out.logits[0, -1]
             passes += 1
             cached += len(feed)
-            tid = _best_token(grammar, state, out.logits[0, -1].float(), texts, eos)
+            scores, tid = logits.float(), None
+            if sampler is not None:
+                scores = sampler.adjust(scores, reply)
+                tid = sampler.pick(scores, lambda t, st=state: _allowed(grammar, st, t, texts, eos))
+            if tid is None:
+                tid = _best_token(grammar, state, scores, texts, eos)
             if tid is None or tid in eos:
                 break
             reply.append(tid)
@@ -163,20 +180,22 @@ def _best_token(grammar: Any, state: Any, scores: Any, texts: list[str], eos: se
     """The highest-scoring token that keeps the reply viable (None: none among the first 4,096)."""
     import torch
 
-    from orchestrator.core.grammar import TEXT
-
-    free_text = state.mode == TEXT and grammar.route is None
     for k in (16, 4096):
         order = torch.topk(scores, min(k, scores.shape[0])).indices.tolist()
         for tid in order[16 if k > 16 else 0:]:
-            if tid in eos:
-                ok = grammar.can_end(state)
-            else:
-                text = texts[tid]
-                ok = (free_text and "<" not in text) or grammar.feed(state.copy(), text)
-            if ok:
+            if _allowed(grammar, state, tid, texts, eos):
                 return tid
     return None
+
+
+def _allowed(grammar: Any, state: Any, tid: int, texts: list[str], eos: set[int]) -> bool:
+    """Whether token ``tid`` keeps the reply viable."""
+    from orchestrator.core.grammar import TEXT
+
+    if tid in eos:
+        return grammar.can_end(state)
+    return (state.mode == TEXT and grammar.route is None and "<" not in texts[tid]) or \
+        grammar.feed(state.copy(), texts[tid])
 
 
 _EXTENSIONS: dict[int, dict[str, set[str]]] = {}  # per tokenizer: see _extensions

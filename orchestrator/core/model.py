@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.core.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, StepBatcher
 from orchestrator.core.format import IM_END, IMAGE_TOKEN, images_in, render
 
 if TYPE_CHECKING:
@@ -125,6 +126,15 @@ def load_tokenizer(path: Path | str):
     if tok.pad_token is None:
         tok.pad_token = IM_END
     return tok
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Every special or added token of ``tokenizer`` (what must never be read out of message text)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", True):
+            found.add(str(added))
+    return tuple(sorted(t for t in found if t))
 
 
 # -- configurations ---------------------------------------------------------------------------------
@@ -238,10 +248,16 @@ class CoreModel:
       ``.device``.
     - ``generate(messages, images, *, max_new_tokens=160, logits_processor=None, on_text=None,
       system=None, prefix_cache=None) -> str``: greedy decoding of the next assistant turn.
+    - ``decode(messages, images, *, grammar, …)``: grammar-constrained greedy decoding with
+      jump-forward (``orchestrator.core.decode``); concurrent calls share batched forward passes
+      (``batcher``, on for a loaded core; ``enable_batching(0)`` turns it off).
     - ``new_prefix_cache()``: a :class:`PrefixCache` that lets one pass start from the keys and values
       of the previous one (the loop's fusion pass from its plan pass). Cores without it (a scripted
       core, a remote endpoint) are simply called without one.
     """
+
+    #: the loop renders artifacts as short handles (img1, mask2 …; orchestrator.core.handles) for this core
+    short_handles = True
 
     def __init__(self, model: Any, tokenizer: Any, *, image_size: int = IMAGE_SIZE,
                  image_mean: Sequence[float] = IMAGE_MEAN, image_std: Sequence[float] = IMAGE_STD,
@@ -258,6 +274,16 @@ class CoreModel:
         self.image_processor = image_processor
         self.end_id = tokenizer.convert_tokens_to_ids(IM_END)
         self.info = dict(info or {})
+        # the tokenizer's special tokens, neutralised in message text when rendered (format.neutralise)
+        self.control_tokens = control_tokens(tokenizer)
+        #: concurrent ``decode`` calls share forward passes through it (None: each runs its own)
+        self.batcher: StepBatcher | None = None
+
+    def enable_batching(self, window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH) -> CoreModel:
+        """Let concurrent :meth:`decode` calls (turns on several threads) run their forward passes as one
+        batch (:class:`~orchestrator.core.batching.StepBatcher`); ``window_s`` = 0 turns it off."""
+        self.batcher = StepBatcher(self, window_s=window_s, max_batch=max_batch) if window_s > 0 else None
+        return self
 
     # -- loading --------------------------------------------------------------------------------
     @property
@@ -283,7 +309,7 @@ class CoreModel:
             core = cls._load_llava(path)
         core.model.to(dev)
         core.model.eval()
-        return core
+        return core.enable_batching()
 
     @classmethod
     def _load_parts(cls, path: Path, *, merge: bool, cache_dir: Path | None = None) -> CoreModel:
@@ -381,7 +407,8 @@ class CoreModel:
         missing = [i for i in ids_needed if i not in images]
         if missing:
             raise ValueError(f"core: no pixels for image(s) {', '.join(missing)} mentioned in the conversation")
-        prompt = self.encode_text(render(messages, system=system, add_generation_prompt=True))
+        prompt = self.encode_text(render(messages, system=system, add_generation_prompt=True,
+                                         control=self.control_tokens))
         labels = [-100] * len(prompt)
         if answer is not None:
             target = self.tokenizer(answer + IM_END, add_special_tokens=False)["input_ids"]
@@ -489,7 +516,8 @@ class CoreModel:
 
     def count_tokens(self, messages: list[dict], *, system: str | None = None) -> int:
         """Prompt length in tokens of a conversation (images counted as their vision tokens)."""
-        return len(self.encode_text(render(messages, system=system, add_generation_prompt=True)))
+        return len(self.encode_text(render(messages, system=system, add_generation_prompt=True,
+                                           control=self.control_tokens)))
 
     def decode(self, messages: list[dict], images: dict[str, Image.Image] | None = None, *, grammar: Any,
                **kw: Any) -> DecodeResult:

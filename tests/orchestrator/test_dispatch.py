@@ -154,3 +154,45 @@ def test_levels(reg, image) -> None:
     plan = Plan.from_text(f'<call id="a" expert="sleep" image="{image}"/><call id="b" expert="sleep" image="$a"/>'
                           f'<call id="c" expert="sleep" image="{image}"/>', reg)
     assert [[c.id for c in wave] for wave in plan.levels()] == [["a", "c"], ["b"]]
+
+
+def test_a_cancelled_turn_takes_back_its_queued_calls(reg, store, image) -> None:
+    # one worker thread: c1 runs, c2 and c3 wait in the pool's queue; c4 waits for c1's result
+    text = (f'<call id="c1" expert="sleep" image="{image}" seconds="0.6"/>'
+            f'<call id="c2" expert="sleep" image="{image}" seconds="0.6"/>'
+            f'<call id="c3" expert="sleep" image="{image}" seconds="0.6"/>'
+            f'<call id="c4" expert="sleep" image="$c1"/>')
+    plan = Plan.from_text(text, reg)
+    events: list[CallEvent] = []
+    gone = threading.Event()
+    d = LocalDispatcher(reg, store, max_workers=1)
+
+    def on_event(e: CallEvent) -> None:
+        events.append(e)
+        if e.call_id == "c1" and e.stage == "started":
+            gone.set()  # the client goes away while c1 runs
+
+    try:
+        t0 = time.monotonic()
+        result = d.run_plan(plan, conversation_id="conv", on_event=on_event, should_stop=gone.is_set)
+        took = time.monotonic() - t0
+    finally:
+        d.close()
+    o = result.by_id()
+    assert o["c1"].status == "done"  # it was running: it finishes, and what it made is kept
+    for cid in ("c2", "c3", "c4"):
+        assert o[cid].status == "skipped" and "cancelled" in o[cid].error, o[cid]
+    started = {e.call_id for e in events if e.stage == "started"}
+    assert started == {"c1"}
+    assert took < 1.5, f"the cancelled plan took {took:.2f} s"
+
+
+def test_a_plan_that_is_not_stopped_runs_everything(reg, store, image) -> None:
+    text = "".join(f'<call id="c{i}" expert="sleep" image="{image}" seconds="0.1"/>' for i in range(3))
+    plan = Plan.from_text(text, reg)
+    d = LocalDispatcher(reg, store, max_workers=1)
+    try:
+        result = d.run_plan(plan, conversation_id="conv", should_stop=lambda: False)
+    finally:
+        d.close()
+    assert result.ok and len(result.outcomes) == 3

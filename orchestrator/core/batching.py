@@ -1,0 +1,207 @@
+"""Batched decoding steps: concurrent turns share the core's forward passes.
+
+Every turn decodes on its own thread (the API server runs turns in threads), one forward pass per
+token the model chooses (``orchestrator.core.decode``). On a CPU a pass over one sequence leaves the
+matrix units mostly idle, so the passes of concurrent turns are worth running together, as the
+workers batch expert calls. :class:`StepBatcher` collects the steps that arrive within a short window
+(or until every turn that is decoding has asked), runs them as one forward pass and hands each turn
+its own last-token logits.
+
+Each turn keeps its own KV cache (a transformers ``DynamicCache``, so jump-forward's roll-back and the
+prefix cache work as before). A batched pass lays each row out as ``[pad | past | pad | new tokens]``:
+the pasts are left-padded to the longest, the new tokens (one chosen token, or a jump-forward
+insertion, or a whole prompt) are left-padded to the longest, a 4-D additive mask hides the pads and
+keeps the new tokens causal, and explicit position ids give every token its own sequence's position.
+Afterwards each row's new keys and values are appended to its own cache. A step that runs alone is
+the plain unbatched call, so a single turn decodes exactly as without the batcher; batched rows see
+the same tokens at the same positions (only the floating-point order of the sums differs), and the
+greedy plans are the same (tests/orchestrator/core/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+#: how long the first step of a batch waits for the others (seconds)
+DEFAULT_WINDOW_S = 0.004
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass
+class _Step:
+    feed: list[int]
+    kv: Any
+    pixels: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: Any = None
+    error: BaseException | None = None
+
+
+class StepBatcher:
+    """Runs the decoding steps of concurrent turns of one core as batched forward passes.
+
+    A decoding turn wraps its loop in :meth:`session` (so the batcher knows how many steps to wait
+    for) and calls :meth:`step` for each forward pass. A batch runs as soon as every open session has
+    a step waiting, or ``window_s`` after its first step arrived, whichever is first; at most
+    ``max_batch`` rows at once. One thread (started on first use) runs the passes.
+    """
+
+    def __init__(self, core: Any, *, window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.core = core
+        self.window_s = window_s
+        self.max_batch = max(1, max_batch)
+        self._cond = threading.Condition()
+        self._pending: list[_Step] = []
+        self._active = 0
+        self._thread: threading.Thread | None = None
+        #: what ran: passes, rows (their sum), and the largest batch (benchmarks read it)
+        self.stats = {"passes": 0, "rows": 0, "largest": 0}
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """One turn's decoding: while open, a batch may wait (up to the window) for this turn's step."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()  # a batch waiting for this turn need not wait any longer
+
+    def step(self, feed: list[int], kv: Any, pixels: Any = None) -> Any:
+        """One forward pass of ``feed`` (token ids) after the tokens ``kv`` holds (``pixels``: the image
+        features' input for the image tokens in ``feed``). ``kv`` is extended in place; returns the
+        logits (vocabulary,) of the last token."""
+        item = _Step(list(feed), kv, pixels)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="core-step-batcher", daemon=True)
+                self._thread.start()
+            self._pending.append(item)
+            self._cond.notify_all()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.logits
+
+    # -- the serving thread ---------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.window_s
+                while len(self._pending) < min(max(self._active, 1), self.max_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            try:
+                logits = run_batch(self.core, [(s.feed, s.kv, s.pixels) for s in batch])
+                for s, row in zip(batch, logits, strict=True):
+                    s.logits = row
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting turn
+                for s in batch:
+                    s.error = e
+            self.stats["passes"] += 1
+            self.stats["rows"] += len(batch)
+            self.stats["largest"] = max(self.stats["largest"], len(batch))
+            for s in batch:
+                s.done.set()
+
+
+def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
+    """One forward pass over several sequences' steps ``(feed, kv, pixels)``; each ``kv`` (a
+    ``DynamicCache``) is extended with its row's new keys and values. Returns each row's last logits."""
+    import torch
+
+    if len(steps) == 1:  # alone: exactly the unbatched call
+        feed, kv, pixels = steps[0]
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device), "cache": kv,
+                                  "use_cache": True, "logits_to_keep": 1}
+        if pixels is not None:
+            kwargs["pixel_values"] = pixels
+        with torch.inference_mode():
+            out = core.model(**kwargs)
+        if out.cache is not kv:  # a cache the model made (none was passed in)
+            _append(kv, out.cache, 0, len(feed))
+        return [out.logits[0, -1]]
+
+    from transformers import DynamicCache
+
+    dev = core.device
+    pad = core.tokenizer.pad_token_id or 0
+    pasts = [kv.get_seq_length() for _, kv, _ in steps]
+    n_past, n_new = max(pasts), max(len(f) for f, _, _ in steps)
+    b = len(steps)
+    ids = torch.full((b, n_new), pad, dtype=torch.long, device=dev)
+    pos = torch.zeros((b, n_new), dtype=torch.long, device=dev)
+    allowed = torch.zeros((b, n_new, n_past + n_new), dtype=torch.bool, device=dev)
+    causal = torch.ones((n_new, n_new), dtype=torch.bool, device=dev).tril()
+    for r, ((feed, _, _), past) in enumerate(zip(steps, pasts, strict=True)):
+        f = len(feed)
+        ids[r, n_new - f:] = torch.tensor(feed, device=dev)
+        pos[r, n_new - f:] = torch.arange(past, past + f, device=dev)
+        pos[r, :n_new - f] = past  # pads: any position (masked out)
+        allowed[r, :, n_past - past:n_past] = True  # this row's past
+        allowed[r, :, n_past:] = causal
+        allowed[r, :, n_past:n_past + n_new - f] = False  # this row's padding among the new tokens
+        if past == 0 and f < n_new:  # a pad query with nothing to see: let it see itself (no NaN)
+            allowed[r, :n_new - f, n_past:n_past + n_new - f] |= torch.eye(n_new - f, dtype=torch.bool, device=dev)
+    dtype = core.model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    batch_kv = DynamicCache(config=core.model.config.get_text_config())
+    if n_past:
+        layers = next(_layers(kv) for (_, kv, _), past in zip(steps, pasts, strict=True) if past)
+        for li in range(len(layers)):
+            ks, vs = [], []
+            for (_, kv, _), past in zip(steps, pasts, strict=True):
+                k, v = _kv(kv, li) if past else (None, None)
+                ks.append(_left_pad(k, n_past, layers[li][0]))
+                vs.append(_left_pad(v, n_past, layers[li][1]))
+            batch_kv.update(torch.cat(ks), torch.cat(vs), li)
+    kwargs = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
+              "cache": batch_kv, "use_cache": True, "logits_to_keep": 1}
+    pixels = [p for _, _, p in steps if p is not None]
+    if pixels:
+        kwargs["pixel_values"] = torch.cat(pixels)
+    with torch.inference_mode():
+        out = core.model(**kwargs)
+    for r, (feed, kv, _) in enumerate(steps):
+        _append(kv, out.cache, r, len(feed), start=n_past + n_new - len(feed))
+    return [out.logits[r, -1] for r in range(b)]
+
+
+def _layers(kv: Any) -> list[tuple[Any, Any]]:
+    return [(layer.keys, layer.values) for layer in kv.layers]
+
+
+def _kv(kv: Any, li: int) -> tuple[Any, Any]:
+    layer = kv.layers[li]
+    return layer.keys, layer.values
+
+
+def _left_pad(t: Any, n: int, like: Any) -> Any:
+    import torch
+
+    if t is None:
+        return like.new_zeros((1, like.shape[1], n, like.shape[3]))
+    if t.shape[-2] == n:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], t.shape[1], n - t.shape[-2], t.shape[3])), t], dim=-2)
+
+
+def _append(kv: Any, source: Any, row: int, count: int, *, start: int | None = None) -> None:
+    """Append row ``row``'s last ``count`` positions (from ``start``) of every layer of ``source`` to ``kv``."""
+    for li, layer in enumerate(source.layers):
+        k, v = layer.keys, layer.values
+        s = k.shape[-2] - count if start is None else start
+        kv.update(k[row:row + 1, :, s:s + count].contiguous(), v[row:row + 1, :, s:s + count].contiguous(), li)

@@ -1,0 +1,139 @@
+"""Batched decoding steps (orchestrator.core.batching): concurrent turns share forward passes and get the
+same logits, caches and greedy plans as alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from orchestrator.core import model as cm  # noqa: E402
+from orchestrator.core.batching import StepBatcher, run_batch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+TOKENIZER = REPO / "models" / "core" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    if not (TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("models/core/tokenizer is not there")
+    from transformers import LlamaForCausalLM
+
+    tok = cm.load_tokenizer(TOKENIZER)
+    cfg = cm.llava_config(cm.tiny_text_config(len(tok)), cm.vision_config(tiny=True),
+                          tok.convert_tokens_to_ids(cm.IMAGE_TOKEN))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg.text_config).state_dict()
+    return cm.CoreModel(cm.assemble(cfg, lm).eval(), tok)
+
+
+def _cache(core):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=core.model.config.get_text_config())
+
+
+def _ids(core, text: str) -> list[int]:
+    return core.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_batched_pass_matches_each_sequence_alone(tiny) -> None:
+    """Rows with different pasts (one empty: a prefill with an image) and different numbers of new tokens
+    (a chosen token, a jump-forward insertion) give the logits and caches they give alone."""
+    from training.shapes import make_scene
+
+    core = tiny
+    image = core.pixel_values([make_scene(3, size=64).image])
+    prompt_a = core.encode([{"role": "user", "content": "find the red circle please", "images": ["img1"]}],
+                           {"img1": make_scene(3, size=64).image})["input_ids"]
+    pasts = [_ids(core, "one two three four five six seven"), _ids(core, "a")]
+    feeds = [prompt_a, _ids(core, " eight"), _ids(core, ' bee cee dee <call id="c1"')]
+    alone_kv, batch_kv = [], []
+    for k in range(len(feeds)):
+        for store in (alone_kv, batch_kv):
+            kv = _cache(core)
+            if k > 0:  # the same past in both
+                run_batch(core, [(pasts[k - 1], kv, None)])
+            store.append(kv)
+    alone = [run_batch(core, [(feed, kv, image if k == 0 else None)])[0]
+             for k, (feed, kv) in enumerate(zip(feeds, alone_kv, strict=True))]
+    batched = run_batch(core, [(feed, kv, image if k == 0 else None)
+                               for k, (feed, kv) in enumerate(zip(feeds, batch_kv, strict=True))])
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    for a, b in zip(alone_kv, batch_kv, strict=True):
+        assert a.get_seq_length() == b.get_seq_length()
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert torch.allclose(la.keys, lb.keys, atol=1e-4) and torch.allclose(la.values, lb.values, atol=1e-4)
+
+
+def test_concurrent_steps_run_as_one_batch(tiny) -> None:
+    core = tiny
+    batcher = StepBatcher(core, window_s=2.0)  # long: the batch must start because all three asked
+    feeds = [_ids(core, t) for t in ("red circle", "blue square on the left", "x")]
+    want = [run_batch(core, [(f, _cache(core), None)])[0] for f in feeds]
+    got: list = [None] * len(feeds)
+    ready = threading.Barrier(len(feeds))
+
+    def turn(k: int) -> None:
+        with batcher.session():
+            ready.wait()
+            got[k] = batcher.step(feeds[k], _cache(core))
+
+    threads = [threading.Thread(target=turn, args=(k,)) for k in range(len(feeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert batcher.stats == {"passes": 1, "rows": 3, "largest": 3}
+    for w, g in zip(want, got, strict=True):
+        assert torch.allclose(w, g, atol=1e-4)
+
+
+def test_a_failed_pass_reaches_every_waiting_turn(tiny) -> None:
+    batcher = StepBatcher(tiny, window_s=0.001)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the model raises for an out-of-vocabulary id
+        batcher.step([10 ** 9], _cache(tiny))
+    assert batcher.step(_ids(tiny, "still works"), _cache(tiny)) is not None
+
+
+def test_shipped_core_plans_are_the_same_batched_and_alone() -> None:
+    """Greedy plans of concurrent turns (batched) are the plans each gives alone (real core, held-out requests)."""
+    if not (REPO / "models" / "core" / "core.json").exists():
+        pytest.skip("no shipped core")
+    from orchestrator.core.grammar import CommandGrammar
+    from orchestrator.core.handles import Handles
+    from training.core import _Images
+    from training.core_data import Generator, data_registry
+
+    core = cm.CoreModel.load(device="cpu")
+    assert core.batcher is not None
+    registry = data_registry()
+    samples = [s for s in Generator(split="heldout", seed=10_003, n_scenes=16).generate(8) if s.kind != "fusion"][:4]
+    images = _Images()
+    work = []
+    for s in samples:
+        arts = {aid: aid.split("-")[0] for aid in s.images}
+        h = Handles.for_conversation(s.messages, arts)
+        work.append((h.messages(s.messages), h.images({a: images(sd) for a, sd in s.images.items()}),
+                     CommandGrammar.from_registry(registry, h.artifacts(arts), canonical=True)))
+    alone = [core.decode(m, im, grammar=g, max_new_tokens=60, batched=False).text for m, im, g in work]
+    got: list = [None] * len(work)
+    before = dict(core.batcher.stats)
+
+    def turn(k: int) -> None:
+        m, im, g = work[k]
+        got[k] = core.decode(m, im, grammar=g, max_new_tokens=60).text
+
+    threads = [threading.Thread(target=turn, args=(k,)) for k in range(len(work))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == alone
+    assert core.batcher.stats["rows"] - before["rows"] > core.batcher.stats["passes"] - before["passes"]  # shared
