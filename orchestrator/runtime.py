@@ -1,8 +1,8 @@
 """The composition root: what the settings ask for, assembled in one place.
 
 ``make_dispatcher`` is where in-process vs Celery is chosen (``SWITCHBOARD_BROKER_URL`` set or not);
-``build_assistant`` puts the core, the registry, the artifact store, the dispatcher and the
-conversation store together. The CLI and the API build their runtime through here.
+``build_assistant`` puts the core (embedded, or remote when ``SWITCHBOARD_CORE`` is set), the registry,
+the artifact store, the dispatcher and the conversation store together. The CLI and the API build their runtime through here.
 """
 
 from __future__ import annotations
@@ -31,14 +31,19 @@ def make_dispatcher(registry: Any = None, store: ArtifactStore | None = None, se
 
 
 def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = None) -> Assistant:
-    """The assistant the settings describe: the shipped core (or ``SWITCHBOARD_CORE_MODEL``), every
-    registered expert, the artifact store, and the in-process or Celery dispatcher."""
+    """The assistant the settings describe: the shipped core (or ``SWITCHBOARD_CORE_MODEL``, or a remote
+    core at ``SWITCHBOARD_CORE=openai:<base_url>#<model>``), every registered expert, the artifact store,
+    and the in-process or Celery dispatcher."""
     from switchboard.registry import get_registry
     from switchboard.settings import get_settings
 
     s = settings or get_settings()
     registry = registry or get_registry()
     store = ArtifactStore.from_settings(s)
+    if core is None and s.core:  # a remote core: any OpenAI-compatible chat endpoint
+        from orchestrator.core.remote import RemoteCore
+
+        core = RemoteCore.from_settings(s, registry)
     if core is None:
         from orchestrator.core.model import CoreModel, default_path
 
@@ -49,7 +54,11 @@ def build_assistant(settings: Any = None, *, core: Any = None, registry: Any = N
 
         router = Router.load(s.router_model)
     cannot_see = None
-    if not sees_pixels(core):  # e.g. the shipped core: its projector's output layer is still zero
+    if getattr(core, "remote", False):  # a remote model sees what it is sent, or nothing
+        if not core.send_images:
+            def cannot_see(image: Any) -> bool:
+                return True
+    elif not sees_pixels(core):  # e.g. the shipped core: its projector's output layer is still zero
         def cannot_see(image: Any) -> bool:
             return True
     elif s.core_model is None:  # the embedded core's vision knows only the shapes world

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,11 +21,23 @@ class Settings(BaseSettings):
     artifact_dir: Path = Field(default=REPO_ROOT / "var" / "artifacts", description="Artifact store root.")
     cache_dir: Path = Field(default=REPO_ROOT / ".cache", description="Converted weights, datasets, configs.")
     models_dir: Path = Field(default=REPO_ROOT / "models", description="Shipped checkpoints.")
+    conversations_dir: Path | None = Field(
+        default=None, description="Where conversations are kept (one JSON file each); default: a "
+        "'conversations' folder beside the artifact store (var/conversations).")
+    retention_days: float | None = Field(
+        default=None, ge=0, description="`switchboard gc` removes conversations not updated for this many days, "
+        "and the artifacts no remaining conversation references; unset = keep everything.")
+    import_max_side: int | None = Field(
+        default=2048, ge=64, description="An uploaded image larger than this on its longest side is downscaled "
+        "once at import to this size (what the core and the experts read); the original is kept as its own "
+        "artifact, named in the metadata (extra.original). Unset = store uploads as they are.")
 
     # Limits
     max_image_bytes: int = Field(default=20 * 1024 * 1024, description="Largest accepted encoded image.")
     max_image_pixels: int = Field(default=40_000_000, description="Largest accepted width*height.")
     call_timeout_s: float = Field(default=120.0, description="Default time limit of one expert call.")
+    max_images_per_request: int = Field(
+        default=16, ge=1, description="Images one chat request may carry, over all its messages (400 beyond).")
     max_calls_per_reply: int = Field(default=16, description="Calls beyond this in one reply are refused.")
     max_parallel_calls: int = Field(default=4, description="In-process dispatcher worker threads.")
 
@@ -47,6 +60,19 @@ class Settings(BaseSettings):
         default=True, description="Jump-forward decoding: what the command grammar leaves no choice about (a "
         "tag's syntax, a routed expert's name, the only image's id) is appended without a forward pass (off: "
         "one pass per token through transformers' generate).")
+    core: str | None = Field(
+        default=None, description="A remote core: openai:<base_url>#<model> plans and answers through any "
+        "OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp; orchestrator/core/remote.py); unset = the "
+        "embedded core (or SWITCHBOARD_CORE_MODEL).")
+    core_api_key: str | None = Field(default=None, description="Bearer key for the remote core's endpoint.")
+    core_grammar: Literal["gbnf", "vllm", "guided_grammar", "none"] = Field(
+        default="gbnf", description="How the remote core's server is asked to keep replies in the command "
+        "grammar: gbnf (body field 'grammar': llama.cpp), vllm (structured_outputs.grammar), guided_grammar "
+        "(older vLLM), none (OpenAI, Ollama: replies are validated, and repaired once, only).")
+    core_images: bool = Field(
+        default=True, description="Send attached images to the remote core as data URIs (off: a text-only "
+        "model gets only their artifact ids, and its plain answers about them are not trusted).")
+    core_timeout_s: float = Field(default=120.0, gt=0, description="Time limit of one remote core request.")
     core_max_prompt_tokens: int | None = Field(
         default=2048, ge=64, description="The core's prompt limit in tokens: older turns are left out first; a "
         "message that alone is longer is refused (400 context_length_exceeded). Unset = no limit.")
@@ -90,6 +116,16 @@ class Settings(BaseSettings):
     # API
     api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys; empty = open.")
     max_body_bytes: int = 32 * 1024 * 1024
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins whose pages may call the API from a browser (CORS), as a "
+        "comma-separated list (https://app.example.com,http://localhost:3000); empty = none.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

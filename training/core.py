@@ -797,19 +797,27 @@ def human_samples(registry: Any = None) -> list[Any]:
     return out
 
 
-def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, **kw: Any) -> list[Any]:
-    """A grammar processor allowing the artifact ids these conversations mention (one per batch);
-    ``kw`` go to the grammar (``route``, ``allow_calls``)."""
+def _artifacts_of(msgs: list[dict]) -> dict[str, str]:
+    """The artifact ids a conversation mentions, with their kinds."""
     from orchestrator.core.format import render
-    from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
     from switchboard.artifacts import ID_PATTERN
 
     arts: dict[str, str] = {}
+    for tok in re.findall(r"[a-z]+-[0-9a-f]{24}", render(msgs)):
+        m = ID_PATTERN.match(tok)
+        if m:
+            arts[tok] = m.group("kind")
+    return arts
+
+
+def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, **kw: Any) -> list[Any]:
+    """A grammar processor allowing the artifact ids these conversations mention (one per batch);
+    ``kw`` go to the grammar (``route``, ``allow_calls``)."""
+    from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+
+    arts: dict[str, str] = {}
     for msgs, _ in convs:
-        for tok in re.findall(r"[a-z]+-[0-9a-f]{24}", render(msgs)):
-            m = ID_PATTERN.match(tok)
-            if m:
-                arts[tok] = m.group("kind")
+        arts.update(_artifacts_of(msgs))
     return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts, **kw), _GRAMMAR_TOKENIZER[0])]
 
 
@@ -818,8 +826,10 @@ _GRAMMAR_TOKENIZER: list[Any] = []
 
 def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: bool = True,
              max_new_tokens: int = 120, grammar: bool = False, kind: str | None = None,
-             log: Any = print, jump_forward: bool = True) -> dict[str, Any]:
-    """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``grammar`` applies
+             log: Any = print, jump_forward: bool = True, router: Any = None) -> dict[str, Any]:
+    """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``router`` routes each
+    sample the loop would route (a first turn, or a message that brings an image) and constrains its
+    decoding to the routed calls, as ``switchboard chat`` does; ``grammar`` applies
     the command grammar (orchestrator/core/grammar.py) with the artifacts of each batch's
     conversations, as ``switchboard chat`` does with one conversation's; with the grammar and
     ``jump_forward`` (a core with ``decode``), each conversation is decoded as the loop decodes it:
@@ -827,10 +837,11 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     from tqdm import tqdm
 
     from orchestrator.commands import parse
+    from orchestrator.core.loop import TOKENS_PER_CALL
     from training.core_data import Generator, data_registry
 
     registry = data_registry()
-    _GRAMMAR_TOKENIZER[:] = [core.tokenizer]
+    _GRAMMAR_TOKENIZER[:] = [getattr(core, "tokenizer", None)]  # a remote core has none (and needs none)
     trained = core.info.get("experts")
     if trained and sorted(trained) != registry.names():
         log(f"core eval: the registry changed since training (trained with {', '.join(sorted(trained))}; now "
@@ -846,11 +857,29 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].messages) * 1000
                    + sum(len(m["content"]) for m in samples[i].messages))
     out_text: dict[int, str] = {}
+    routes = _heldout_routes(samples, router, registry) if router is not None else {}
+    for i, route in routes.items():  # a routed sample is decoded alone, under its route's grammar
+        m, im = samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}
+        kw: dict[str, Any] = {"route": route} if route else {"allow_calls": False}
+        budget = max(max_new_tokens, TOKENS_PER_CALL * len(route)) if route else max_new_tokens
+        if getattr(core, "remote", False):
+            out_text[i] = _remote_decode(core, m, registry, images=im, max_new_tokens=budget, **kw)
+        elif jump_forward and hasattr(core, "decode"):
+            out_text[i] = core.decode(m, im, grammar=_grammar_for([(m, im)], registry, canonical=True, **kw)[0].grammar,
+                                      max_new_tokens=budget).text
+        else:
+            out_text[i] = core.generate_batch([(m, im)], max_new_tokens=budget,
+                                              logits_processor=_grammar_for([(m, im)], registry, **kw))[0]
+    order = [i for i in order if i not in routes]
     for k in tqdm(range(0, len(order), batch), desc="eval core", unit="batch"):
         idx = order[k:k + batch]
         convs = [(samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}) for i in idx]
-        procs = _grammar_for(convs, registry) if grammar else None
-        if procs and jump_forward and hasattr(core, "decode"):
+        remote = getattr(core, "remote", False)
+        procs = _grammar_for(convs, registry) if grammar and not remote else None
+        if remote:  # one request per conversation, constrained (and repaired) as the loop's are
+            texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=max_new_tokens, constrain=grammar)
+                     for m, im in convs]
+        elif procs and jump_forward and hasattr(core, "decode"):
             texts = [core.decode(m, im, grammar=_grammar_for([(m, im)], registry, canonical=True)[0].grammar,
                                  max_new_tokens=max_new_tokens).text for m, im in convs]
         else:
@@ -861,7 +890,7 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     route = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind not in ("fusion", "human")]
     hum = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind == "human"]
     fus = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind == "fusion"]
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"routed": len(routes)} if router is not None else {}
     res.update(routing_metrics([s.calls for s, _ in route], [parse(p).calls for _, p in route]))
     ok = [faithful(p, s.messages[-1]["content"], s.facts) and not parse(p).calls for s, p in fus]
     res["fusion_faithfulness"] = round(sum(ok) / len(ok), 4) if ok else None
@@ -878,6 +907,41 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
                      or (s.kind != "fusion" and _norm_calls(s.calls) != _norm_calls(parse(p).calls))
                      or (s.source == "describe" and scene_facts(p) != scene_facts(s.answer))]
     return res
+
+
+def _heldout_routes(samples: list[Any], router: Any, registry: Any) -> dict[int, tuple[str, ...]]:
+    """The routes the loop would impose (``Assistant._route``): on a first turn or a message that
+    brings an image, when the conversation can serve the route; fusion turns are never routed."""
+    from orchestrator.core.grammar import CommandGrammar
+
+    asked: list[int] = []
+    for i, s in enumerate(samples):
+        last = s.messages[-1]
+        if last["role"] != "user":
+            continue
+        if any(m["role"] == "assistant" for m in s.messages[:-1]) and not last.get("images"):
+            continue
+        asked.append(i)
+    arts = [_artifacts_of(samples[i].messages) for i in asked]
+    found = router.route_batch([samples[i].messages[-1]["content"] for i in asked],
+                               [any(k == "image" for k in a.values()) for a in arts], registry)
+    out: dict[int, tuple[str, ...]] = {}
+    for i, a, r in zip(asked, arts, found, strict=True):
+        route = tuple(r.experts)
+        if not route or CommandGrammar.from_registry(registry, a, route=route).serves_route():
+            out[i] = route
+    return out
+
+
+def _remote_decode(core: Any, messages: list[dict], registry: Any, *, images: dict, max_new_tokens: int,
+                   constrain: bool = True, **kw: Any) -> str:
+    """A remote core's reply (orchestrator/core/remote.py) as the loop gets it: under the conversation's
+    command grammar (``kw``: ``route``, ``allow_calls``) where ``constrain`` and the server can, and
+    repaired once when it does not validate."""
+    from orchestrator.core.grammar import CommandGrammar
+
+    g = CommandGrammar.from_registry(registry, _artifacts_of(messages), canonical=True, **kw)
+    return core.decode(messages, images, grammar=g, max_new_tokens=max_new_tokens, constrain=constrain).text
 
 
 def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_tokens: int = 120,
@@ -898,7 +962,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
     from training.wild import calls_to_sequence, load, resolve_image, score
 
     registry = data_registry()
-    _GRAMMAR_TOKENIZER[:] = [core.tokenizer]
+    _GRAMMAR_TOKENIZER[:] = [getattr(core, "tokenizer", None)]  # a remote core has none (and needs none)
     items = load()[:limit] if limit else load()
     convs: list[tuple[list[dict], dict]] = []
     for i, it in enumerate(items):
@@ -931,17 +995,32 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
         route = routes[idx[0]]
         if route is not None:
             kw = {"route": route} if route else {"allow_calls": False}
-            procs = _grammar_for(group, registry, **kw)
         else:
-            procs = _grammar_for(group, registry) if grammar else None
+            kw = {}
         budget = max(max_new_tokens, TOKENS_PER_CALL * len(route)) if route else max_new_tokens
-        texts = core.generate_batch(group, max_new_tokens=budget, logits_processor=procs)
+        if getattr(core, "remote", False):
+            texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=budget,
+                                    constrain=grammar or route is not None, **kw) for m, im in group]
+        else:
+            procs = _grammar_for(group, registry, **kw) if route is not None or grammar else None
+            texts = core.generate_batch(group, max_new_tokens=budget, logits_processor=procs)
         for i, text in zip(idx, texts, strict=True):
             preds[i] = calls_to_sequence(parse(text).calls)
     res = score([preds[i] for i in range(len(items))], items)
     res["routed"] = sum(r is not None for r in routes)
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def _remote_core(spec: str) -> Any:
+    """A remote core for ``--core openai:<base_url>#<model>``, set up as ``SWITCHBOARD_CORE`` would be (its
+    system prompt from the registry the evaluation uses)."""
+    from orchestrator.core.remote import RemoteCore
+    from switchboard.settings import get_settings
+    from training.core_data import data_registry
+
+    s = get_settings().model_copy(update={"core": spec})
+    return RemoteCore.from_settings(s, data_registry())
 
 
 def main_eval(argv: list[str]) -> int:
@@ -954,10 +1033,15 @@ def main_eval(argv: list[str]) -> int:
                    help="heldout (default): held-out templates + human phrasings; wild: requests written by "
                    "others (training/evalsets/wild.jsonl), expert sequences scored by training/wild.py")
     p.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --set wild: route each request first, as `switchboard chat` does (default on)")
+                   help="route each request the loop would route first and constrain its decoding to the route, "
+                   "as `switchboard chat` does (default on; --no-router: the core plans alone)")
     p.add_argument("--router-model", type=Path, default=None, help="router directory (default: models/router)")
     p.add_argument("--n", type=int, default=200, help="held-out template samples (default 200)")
     p.add_argument("--model", type=Path, default=None, help="core directory (default: the shipped core)")
+    p.add_argument("--core", default=None, metavar="openai:<base_url>#<model>",
+                   help="evaluate a remote core: any OpenAI-compatible chat endpoint, as SWITCHBOARD_CORE runs it "
+                   "(SWITCHBOARD_CORE_GRAMMAR, _CORE_IMAGES, _CORE_API_KEY apply; --grammar constrains every "
+                   "reply, routed replies always are)")
     p.add_argument("--no-human", action="store_true", help="skip the human-phrased set")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -978,7 +1062,7 @@ def main_eval(argv: list[str]) -> int:
     _threads(a.threads)
     from orchestrator.core.model import CoreModel
 
-    core = CoreModel.load(a.model)
+    core = _remote_core(a.core) if a.core else CoreModel.load(a.model)
     if a.eval_set == "wild":
         router = None
         if a.router:
@@ -988,11 +1072,22 @@ def main_eval(argv: list[str]) -> int:
         res = evaluate_wild(core, batch=a.batch, grammar=a.grammar, max_new_tokens=a.max_new_tokens, router=router)
         res["router"] = str(a.router_model or "models/router") if router is not None else None
         res["decoding"] = "grammar" if a.grammar else "unconstrained"
+        if a.core:  # how the server was asked to constrain (routed replies always are), repaired once
+            res.update(core=a.core, core_grammar=core.grammar_mode)
         print(json.dumps(res) if a.json else "\n".join(f"{k:28s} {v}" for k, v in res.items()))
         return 0
+    router = None
+    if a.router:
+        from orchestrator.core.router import Router
+
+        router = Router.load(a.router_model)
     res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
-                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward)
+                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward,
+                   router=router)
+    res["router"] = str(a.router_model or "models/router") if router is not None else None
     res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
+    if a.core:
+        res.update(core=a.core, core_grammar=core.grammar_mode, decoding="grammar" if a.grammar else "unconstrained")
     errors = res.pop("errors")
     if a.errors:
         a.errors.write_text(json.dumps(errors, indent=1))

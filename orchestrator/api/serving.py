@@ -8,6 +8,7 @@ Only failures inside the turn itself arrive in the stream, as an ``{"error": …
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -15,7 +16,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +43,26 @@ from orchestrator.api.protocol import (
     TextPart,
     ToolCallDelta,
     ToolMessage,
+    Usage,
     UserMessage,
     error_body,
 )
 from orchestrator.core import loop
+from orchestrator.core.format import neutralise
 from orchestrator.events import CallEvent, StageEvent, TextEvent, pump
-from orchestrator.session import Conversation, ConversationStore
+from orchestrator.session import DEFAULT_OWNER, Conversation, ConversationStore
 from switchboard.artifacts import IMAGE_KINDS, ArtifactMeta, ArtifactStore, is_artifact_id
 from switchboard.errors import ArtifactNotFound, ImageRejected, ImageTooLarge, SwitchboardError
+from switchboard.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed turn checks that its client is still there
 MAX_TEXT_CHARS = 16_000  # per message; the core's context is far shorter anyway
 MAX_IMAGES_PER_MESSAGE = 8
+MAX_IMAGES_PER_REQUEST = 16  # default of SWITCHBOARD_MAX_IMAGES_PER_REQUEST
+# stands in for an image's id while deciding which history messages the core reads (same length)
+_PLACEHOLDER_IMAGE = "image-" + "0" * 24
 
 
 class BadRequest(SwitchboardError):
@@ -135,6 +143,10 @@ class Turn:
     text: str
     images: list[str] = field(default_factory=list)
     max_tokens: int | None = None  # the answer's cap (finish_reason "length" when reached)
+    owner: str = DEFAULT_OWNER  # the tenant (API key) whose turn it is: what it makes is theirs
+    left_out: int = 0  # history messages of the request the core will not read (not imported)
+    sampling: Any = None  # the answer's orchestrator.core.sampling.Sampling (None: greedy, no stop strings)
+    include_usage: bool = False  # stream a last chunk with the usage (stream_options.include_usage)
 
 
 class _KeyedLocks:
@@ -194,11 +206,12 @@ class ServingChat:
     """``/v1/chat/completions``, ``/v1/models`` and ``/v1/artifacts``."""
 
     def __init__(self, provider: AssistantProvider, store: ArtifactStore, conversations: ConversationStore,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, max_images: int = MAX_IMAGES_PER_REQUEST) -> None:
         self.provider = provider
         self.store = store
         self.conversations = conversations
         self.metrics = metrics
+        self.max_images = max_images
         self.started = int(time.time())
         # Turns of one conversation run one after the other: each reads the history and saves it
         # whole, so two at once would lose one of them.
@@ -213,16 +226,23 @@ class ServingChat:
             raise ModelNotFound(f"the model {model_id!r} does not exist; this server serves {MODEL_ID!r}")
         return ModelCard(id=MODEL_ID, created=self.started)
 
-    def artifact(self, artifact_id: str) -> tuple[Path, ArtifactMeta]:
-        """The file and metadata of an artifact; an id that is not one is simply not found."""
-        if not is_artifact_id(artifact_id):
+    def artifact(self, artifact_id: str, owner: str = DEFAULT_OWNER) -> tuple[Path, ArtifactMeta]:
+        """The file and metadata of an artifact ``owner`` may read; an id that is not one, or another
+        owner's artifact, is simply not found (ids are content hashes: existence must not leak)."""
+        if not is_artifact_id(artifact_id) or not self.store.owned_by(artifact_id, owner):
             raise ArtifactNotFound(f"no artifact {artifact_id[:80]!r}")
         meta = self.store.get(artifact_id)
         return self.store.path(artifact_id), meta
 
     # -- preparing a turn -----------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest, header_conversation_id: str | None = None) -> Turn:
-        """Check the request and store its images. Raises SwitchboardError subclasses (4xx, 503)."""
+    def prepare(self, req: ChatCompletionRequest, header_conversation_id: str | None = None,
+                owner: str = DEFAULT_OWNER) -> Turn:
+        """Check the request and store its images. Raises SwitchboardError subclasses (4xx, 503).
+
+        A conversation is only ``owner``'s own (another key's is not found). Of a stateless client's
+        history only the messages the core will read are imported (``Assistant.read_window``), so
+        images in older messages are never stored; a request carries at most ``max_images`` images.
+        """
         if req.model != MODEL_ID:
             raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {MODEL_ID!r}")
         if req.n not in (None, 1):
@@ -234,22 +254,30 @@ class ServingChat:
         if header_conversation_id and conv_id and header_conversation_id != conv_id:
             raise BadRequest("the conversation_id field and the X-Conversation-Id header differ", "conversation_id")
         conv_id = conv_id or header_conversation_id
-        conv = self.conversations.get(conv_id) if conv_id else None
+        conv = self.conversations.get_owned(conv_id, owner) if conv_id else None
 
         last_index = len(req.messages) - 1
         last = req.messages[last_index]
         if not isinstance(last, UserMessage):
             raise BadRequest(f"the last message must be the user's new turn (role 'user'), not {last.role!r}",
                              f"messages.{last_index}")
+        carried = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m, UserMessage)
+                      and not isinstance(m.content, str) for p in m.content)
+        if carried > self.max_images:
+            raise BadRequest(f"the request carries {carried} images; at most {self.max_images} images per request "
+                             "(older messages' images are not needed: the assistant keeps the conversation)",
+                             "messages")
         known = set(conv.artifacts) if conv else set()
         history: list[dict[str, Any]] = []
+        left_out = 0
         if conv is None:  # a stateless client sends the history: it seeds the new conversation
-            for i, msg in enumerate(req.messages[:last_index]):
-                entry = self._history_entry(msg, i, known)
+            window, left_out = self._read_window(req.messages, last_index)
+            for i in window:
+                entry = self._history_entry(req.messages[i], i, known, owner)
                 if entry is not None:
                     history.append(entry)
                     known.update(entry.get("images", []))
-        text, images = self._user_turn(last, last_index, known)
+        text, images = self._user_turn(last, last_index, known, owner)
         if not text.strip() and not images:
             raise BadRequest("the last user message is empty: send text, an image, or both",
                              f"messages.{last_index}.content")
@@ -261,12 +289,37 @@ class ServingChat:
         check = getattr(assistant, "check_message", None)
         if check is not None:  # a message the core cannot read at all is refused before anything is stored
             check(text, images)
+        sampling = req.sampling()
+        if sampling is not None and sampling.changes_tokens and not getattr(assistant, "samples", False):
+            param = next((name for name, value in (("temperature", req.temperature), ("top_p", req.top_p),
+                                                   ("presence_penalty", req.presence_penalty),
+                                                   ("frequency_penalty", req.frequency_penalty)) if value),
+                         "top_p")
+            raise BadRequest(f"Unsupported parameter: '{param}' is not supported by this server's core, which "
+                             "decodes greedily.", param)
         if conv is None:
-            conv = self._new_conversation(history)
-        return Turn(conversation_id=conv.id, text=text, images=images, max_tokens=cap)
+            conv = self._new_conversation(history, owner)
+        return Turn(conversation_id=conv.id, text=text, images=images, max_tokens=cap, owner=owner,
+                    left_out=left_out, sampling=sampling,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
-    def _new_conversation(self, history: list[dict[str, Any]]) -> Conversation:
-        conv = self.conversations.create()
+    def _read_window(self, messages: list[Any], last_index: int) -> tuple[list[int], int]:
+        """Indices of the history messages the core will read (checked, but nothing stored yet), and
+        how many it will not."""
+        drafts: list[tuple[int, dict[str, Any]]] = []
+        for i, msg in enumerate(messages[:last_index]):
+            entry = self._history_entry(msg, i, set(), DEFAULT_OWNER, store=False)
+            if entry is not None:
+                drafts.append((i, entry))
+        read = getattr(self.provider.get(), "read_window", None)
+        if not drafts or read is None:
+            return [i for i, _ in drafts], 0
+        last = self._history_entry(messages[last_index], last_index, set(), DEFAULT_OWNER, store=False)
+        kept = max(0, read([e for _, e in drafts] + [last]) - 1)
+        return ([i for i, _ in drafts[len(drafts) - kept:]] if kept else []), len(drafts) - kept
+
+    def _new_conversation(self, history: list[dict[str, Any]], owner: str) -> Conversation:
+        conv = self.conversations.create(owner)
         if history:
             for msg in history:
                 for image_id in msg.get("images", []):
@@ -275,17 +328,19 @@ class ServingChat:
             self.conversations.save(conv)
         return conv
 
-    def _history_entry(self, msg: Any, index: int, known: set[str]) -> dict[str, Any] | None:
+    def _history_entry(self, msg: Any, index: int, known: set[str], owner: str,
+                       store: bool = True) -> dict[str, Any] | None:
         if isinstance(msg, SystemMessage):
             return None  # the shipped core was trained without a system turn; instructions go to users
         if isinstance(msg, ToolMessage):
             raise BadRequest("tool messages are not accepted: the server runs the experts itself and "
                              "keeps their results in the conversation", f"messages.{index}")
         if isinstance(msg, UserMessage):
-            text, images = self._user_turn(msg, index, known)
+            text, images = self._user_turn(msg, index, known, owner, store)
             return {"role": "user", "content": text, "images": images}
         assert isinstance(msg, AssistantMessage)
-        text = self._text(msg.content, index)
+        # the client wrote this text, not the core: command tags in it are data too (format.neutralise)
+        text = neutralise(self._text(msg.content, index), commands=True)
         return {"role": "assistant", "content": text} if text else None
 
     def _text(self, content: str | list[TextPart] | None, index: int) -> str:
@@ -297,7 +352,9 @@ class ServingChat:
                              f"messages.{index}.content")
         return text
 
-    def _user_turn(self, msg: UserMessage, index: int, known: set[str]) -> tuple[str, list[str]]:
+    def _user_turn(self, msg: UserMessage, index: int, known: set[str], owner: str,
+                   store: bool = True) -> tuple[str, list[str]]:
+        """The text and image ids of a user message; ``store=False``: placeholders, nothing stored."""
         if isinstance(msg.content, str):
             return self._text(msg.content, index), []
         texts: list[TextPart] = []
@@ -309,9 +366,12 @@ class ServingChat:
             assert isinstance(part, ImagePart)
             if len(images) == MAX_IMAGES_PER_MESSAGE:
                 raise BadRequest(f"at most {MAX_IMAGES_PER_MESSAGE} images per message", f"messages.{index}.content")
+            if not store:
+                images.append(_PLACEHOLDER_IMAGE)
+                continue
             param = f"messages.{index}.content.{j}.image_url.url"
             try:
-                image_id = self._image(part.image_url.url, known)
+                image_id = self._image(part.image_url.url, known, owner)
             except SwitchboardError as e:  # say which image was wrong
                 e.param = getattr(e, "param", None) or param  # type: ignore[attr-defined]
                 raise
@@ -319,11 +379,13 @@ class ServingChat:
                 images.append(image_id)
         return self._text(texts, index), images
 
-    def _image(self, url: str, known: set[str]) -> str:
-        """The artifact id of an ``image_url``: a data URI is checked and stored; an artifact URL must
-        name an image of this conversation."""
+    def _image(self, url: str, known: set[str], owner: str) -> str:
+        """The artifact id of an ``image_url``: a data URI is checked and stored (and is ``owner``'s);
+        an artifact URL must name an image of this conversation."""
         if url[:5].lower() == "data:":
-            return self.store.import_image(_decode_data_uri(url, self.store.max_image_bytes)).id
+            image_id = self.store.import_image(_decode_data_uri(url, self.store.max_image_bytes)).id
+            self.store.claim(image_id, owner)
+            return image_id
         parts = urlsplit(url)
         if parts.scheme not in ("", "http", "https"):
             raise BadRequest(f"unsupported image URL scheme {parts.scheme!r}: send a data: URI or the URL of "
@@ -347,6 +409,9 @@ class ServingChat:
 
         def sink(event: Any) -> None:
             timer(event)
+            if isinstance(event, loop.ChatResult):  # the owner may read them before the client sees them
+                for a in event.artifacts:
+                    self.store.claim(a["id"], turn.owner)
             on_event(event)
 
         with self._conversation_locks.hold(turn.conversation_id), self.metrics.turn():
@@ -355,9 +420,13 @@ class ServingChat:
                 extra["max_tokens"] = turn.max_tokens
             if should_stop is not None:
                 extra["should_stop"] = should_stop
+            if turn.sampling is not None:
+                extra["sampling"] = turn.sampling
             result = assistant.run(turn.text, images=turn.images, conversation_id=turn.conversation_id,
                                    on_event=sink, **extra)
+        trim_heap()  # what the turn freed goes back to the system: RSS does not creep up turn after turn
         self.metrics.count_calls(result.calls)
+        self.metrics.observe_core(getattr(result, "usage", None))
         return result
 
     def _events(self, turn: Turn, stop: threading.Event | None = None) -> Iterator[Any]:
@@ -367,17 +436,33 @@ class ServingChat:
         should_stop = stop.is_set if stop is not None else None
         return pump(lambda emit: self._run(turn, emit, should_stop), name=f"turn-{turn.conversation_id}")
 
-    def complete(self, turn: Turn, base_url: str) -> ChatCompletionResponse:
-        """Run the turn to the end and return the whole completion."""
-        result = self._run(turn, lambda event: None)
+    def complete(self, turn: Turn, base_url: str,
+                 should_stop: Callable[[], bool] | None = None) -> ChatCompletionResponse:
+        """Run the turn to the end and return the whole completion (``should_stop``: as for a stream)."""
+        result = self._run(turn, lambda event: None, should_stop)
         artifacts = self._artifacts(result, base_url)
         message = ResponseMessage(content=self._content(result.answer, artifacts),
                                   tool_calls=[ExecutedToolCall.from_record(c) for c in result.calls] or None,
                                   artifacts=artifacts)
         return ChatCompletionResponse(id=_completion_id(),
                                       choices=[Choice(message=message, finish_reason=_finish(result))],
-                                      conversation_id=result.conversation_id,
-                                      trimmed_messages=getattr(result, "trimmed_messages", 0) or None)
+                                      conversation_id=result.conversation_id, usage=_usage(result),
+                                      trimmed_messages=_trimmed(result, turn))
+
+    async def complete_while_connected(self, turn: Turn, base_url: str,
+                                       is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletionResponse:
+        """``complete`` on a worker thread while the client is watched (every ``DISCONNECT_POLL_S``): a
+        client that goes away stops the turn as a streamed one's does (decoding ends at the next step,
+        queued calls are taken back, no further call starts); what it did is still saved."""
+        from fastapi.concurrency import run_in_threadpool
+
+        stop = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(self.complete, turn, base_url, stop.is_set))
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and not stop.is_set() and await is_disconnected():
+                stop.set()
+        return task.result()
 
     def stream(self, turn: Turn, base_url: str) -> Iterator[str]:
         """Run the turn and yield SSE frames: stages and calls as ``event`` chunks, the answer as content
@@ -422,7 +507,9 @@ class ServingChat:
                                                                      tool_calls=calls or None,
                                                                      artifacts=artifacts))])
                     yield chunk(choices=[ChunkChoice(finish_reason=_finish(ev))], event=StageEvent(stage="done"),
-                                trimmed_messages=getattr(ev, "trimmed_messages", 0) or None)
+                                trimmed_messages=_trimmed(ev, turn))
+                    if turn.include_usage:  # OpenAI's shape: a last chunk with no choices, only the usage
+                        yield chunk(choices=[], usage=_usage(ev))
         except GeneratorExit:  # the client went away (the server closes the stream): stop the turn
             stop.set()
             raise
@@ -460,6 +547,18 @@ class ServingChat:
 def _finish(result: Any) -> Any:
     """OpenAI's finish_reason for a turn: "length" when the answer reached max_tokens, else "stop"."""
     return "length" if getattr(result, "finish_reason", "stop") == "length" else "stop"
+
+
+def _trimmed(result: Any, turn: Turn) -> int | None:
+    """Older messages left out of the core's prompt: by the loop, and those of the request's history
+    that were never imported because the core would not read them."""
+    return (getattr(result, "trimmed_messages", 0) or 0) + turn.left_out or None
+
+
+def _usage(result: Any) -> Usage | None:
+    """OpenAI's ``usage`` of a turn (None for a result that does not count its tokens)."""
+    usage = getattr(result, "usage", None)
+    return Usage.of(usage) if usage is not None else None
 
 
 def _completion_id() -> str:

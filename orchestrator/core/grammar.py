@@ -377,6 +377,118 @@ class CommandGrammar:
         s = self.start()
         return self.feed(s, text) and self.can_end(s)
 
+    def gbnf(self) -> str:
+        """This grammar as GBNF, for a server that constrains decoding itself (see :func:`gbnf`)."""
+        return gbnf(self)
+
+
+# -- GBNF: the same language for a server that constrains decoding itself ------------------------------
+_GBNF_VALUES = {
+    "string": '[^"<>]*',
+    "number": '"-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
+    "integer": '"-"? ("0" | [1-9] [0-9]*)',
+    "bool": '"true" | "false"',
+    "json": "j-value",
+}
+_GBNF_JSON = ('j-value ::= j-num | "[" " "? (j-value " "? ("," " "? j-value " "?)*)? "]"\n'
+              'j-num ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)?')
+
+
+def _lit(text: str) -> str:
+    """A GBNF string literal."""
+    esc = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return '"' + "".join(esc.get(ch, ch) for ch in text) + '"'
+
+
+def _rule(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-").lower() or "x"
+
+
+def gbnf(grammar: CommandGrammar) -> str:
+    """The replies of ``grammar`` as a GBNF grammar (llama.cpp's ``grammar``; vLLM's and xgrammar's EBNF
+    read the same syntax), so a server that constrains decoding can keep a remote core's reply valid.
+
+    It describes a subset of the automaton's language, in the canonical form: call ids are c1, c2 … in
+    reply order, routed calls follow each other on their own lines, and each call's arguments come in
+    the order its ``Args`` declares them (optional ones may be left out). Everything else is the
+    automaton's: registered (or routed) experts only, each required argument present, artifact values
+    from the conversation's artifacts of an accepted kind or ``$`` references to earlier calls, values
+    of the right shape, no ``<`` in free text, and no call at all where calls are not allowed. String
+    values have no length bound here (the automaton stops them at 400 characters; ``max_tokens``
+    bounds them on a server). Raises ValueError when a routed call can have no valid form.
+    """
+    rules: dict[str, str] = {}
+    names = {e: f"e{i}-{_rule(e)}" for i, e in enumerate(grammar.experts)}
+
+    def value(expert: str, spec: ArgSpec, position: int) -> str | None:
+        if spec.kind == "artifact":
+            accepted = accepted_kinds(spec.artifact_kind or "")
+            values = [i for i, k in grammar.artifacts.items() if k in accepted]
+            values += [f"$c{k}" for k in range(1, position)]
+            return " | ".join(_lit(v) for v in values) or None
+        if spec.kind == "enum":
+            name = f"{names[expert]}-{_rule(spec.name)}"
+            rules[name] = " | ".join(_lit(c) for c in spec.choices) or '""'
+            return name
+        name = f"v-{spec.kind}"
+        rules[name] = _GBNF_VALUES[spec.kind]
+        return name
+
+    def call(expert: str, position: int) -> str | None:
+        """``expert``'s arguments as the ``position``-th call (None: its required ones cannot be filled)."""
+        parts = []
+        for spec in grammar.experts[expert].args.values():
+            v = value(expert, spec, position)
+            if v is None:
+                if spec.required:
+                    return None
+                continue
+            arg = f"{_lit(' ' + spec.name + '=' + chr(34))} ({v}) {_lit(chr(34))}"
+            parts.append(arg if spec.required else f"({arg})?")
+        name = f"{names[expert]}-{position}"
+        rules[name] = " ".join(parts) if parts else '""'
+        return name
+
+    def tag(position: int, experts: Iterable[str]) -> str | None:
+        """The ``position``-th call naming one of ``experts`` (None: none of them can be called there)."""
+        alts = []
+        for e in experts:
+            body = call(e, position) if e in grammar.experts else None
+            if body is not None:
+                alts.append(f"{_lit(e + chr(34))} {body}")
+        if not alts:
+            return None
+        name = f"call-{position}"
+        rules[name] = (f'{_lit(f"<call id={chr(34)}c{position}{chr(34)} expert={chr(34)}")} '
+                       f'({" | ".join(alts)}) "/>"')
+        return name
+
+    if grammar.route:
+        calls = [tag(k + 1, [e]) for k, e in enumerate(grammar.route)]
+        if None in calls:
+            k = calls.index(None)
+            raise ValueError(f"the routed call c{k + 1} ({grammar.route[k]}) cannot be written here")
+        root = ' "\\n" '.join(str(c) for c in calls)
+    elif grammar.route is not None:  # routed to no call at all: the automaton admits only the empty reply
+        root = '""'
+    elif not grammar.allow_calls or grammar.max_calls < 1:
+        root = "text"
+    else:  # free text and up to max_calls calls; a position no expert can fill ends the chain
+        tags = []
+        for k in range(1, grammar.max_calls + 1):
+            t = tag(k, grammar.experts)
+            if t is None:
+                break
+            tags.append(t)
+        for k, t in enumerate(tags, start=1):
+            rules[f"tail-{k}"] = f"{t} text" + (f" tail-{k + 1}?" if k < len(tags) else "")
+        root = "text tail-1?" if tags else "text"
+    lines = [f"root ::= {root}"] + (["text ::= [^<]*"] if "text" in root else [])
+    lines += [f"{name} ::= {body}" for name, body in sorted(rules.items())]
+    if "v-json" in rules:
+        lines.append(_GBNF_JSON)
+    return "\n".join(lines) + "\n"
+
 
 class GrammarLogitsProcessor:
     """A transformers LogitsProcessor that keeps generation inside a CommandGrammar.

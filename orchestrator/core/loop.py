@@ -5,7 +5,9 @@
    this conversation holds. With a router (``orchestrator.core.router``), a new request is routed
    first: the router picks the expert sequence (or none) from the request's meaning, and the grammar
    then lets the core write exactly those calls (or only a plain answer); the core fills in the ids
-   and arguments. Follow-ups in a conversation ("now remove it") are planned by the core alone.
+   and arguments. Follow-ups in a conversation ("now remove it") are planned by the core alone. A
+   question about an image the core cannot see ("how many circles are there?") is planned and
+   answered from the detector's results instead (``evidence``: a visible detect call).
 2. **execute** — the reply's calls are validated and run by the dispatcher (in-process or Celery);
    call events (queued, started, progress, done, failed) are forwarded as they happen.
 3. **fuse** — a ``tool`` turn with one line per call (summary or error, artifact ids) is appended,
@@ -24,21 +26,29 @@ without a forward pass, with the grammar in the canonical form the core was trai
 c2 …). Prompts are bounded (``max_prompt_tokens``: history dropped oldest first, said in
 ``ChatResult.trimmed_messages``; a message that alone is too long is refused with
 :class:`ContextLengthExceeded`); ``max_tokens`` caps the answer (``finish_reason="length"``); a turn
-whose ``should_stop`` says so (a client gone) stops decoding and runs no calls.
+whose ``should_stop`` says so (a client gone) stops decoding and runs no calls (queued ones are taken
+back by the dispatcher). A core that asks for them (``core.short_handles``) reads and writes short
+handles (``img1``, ``mask2`` …, ``orchestrator.core.handles``) instead of artifact ids; the reply's
+handles are mapped back to ids before it is parsed, so the conversation and the calls hold ids.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from orchestrator.commands import parse, validate
+from orchestrator.core.evidence import ImageQuestion, evidence_answer, evidence_question
 from orchestrator.core.format import tool_turn
 from orchestrator.core.fusion import faithful_answer, unseen_answer
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
+from orchestrator.core.handles import Handles
+from orchestrator.core.sampling import Sampling
 from orchestrator.dispatch import Dispatcher
 from orchestrator.events import CallEvent, CallRecord, StageEvent, TextEvent, pump
 from orchestrator.plan import Plan
@@ -46,8 +56,8 @@ from orchestrator.session import Conversation, ConversationStore
 from switchboard.artifacts import ArtifactStore
 from switchboard.errors import SwitchboardError
 
-__all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "ContextLengthExceeded", "Event", "StageEvent",
-           "TextEvent"]
+__all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "ContextLengthExceeded", "Event", "Sampling",
+           "SamplingUnsupported", "StageEvent", "TextEvent", "TurnUsage"]
 
 
 class ContextLengthExceeded(SwitchboardError):
@@ -55,6 +65,32 @@ class ContextLengthExceeded(SwitchboardError):
 
     code = "context_length_exceeded"
     status = 400
+
+
+class SamplingUnsupported(SwitchboardError):
+    """Sampling asked of a core that only decodes greedily (one without ``decode``)."""
+
+    code = "unsupported_parameter"
+    status = 400
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TurnUsage(BaseModel):
+    """What the core did in one turn, over its passes (the plan, and the answer after calls)."""
+
+    prompt_tokens: int = 0  #: prompt tokens of every pass (images as their vision tokens)
+    cached_tokens: int = 0  #: of them, taken from the previous pass's KV cache instead of prefilled
+    completion_tokens: int = 0  #: tokens the passes generated (text the grammar forced included)
+    core_seconds: float = 0.0  #: time spent in the core's passes
+
+    def add(self, prompt: int, completion: int, seconds: float, cached: int = 0) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cached_tokens += cached
+        self.core_seconds += seconds
 
 
 class ChatResult(BaseModel):
@@ -73,6 +109,8 @@ class ChatResult(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"] = "stop"
     #: older messages left out of the core's prompt to fit ``max_prompt_tokens`` (0: none)
     trimmed_messages: int = 0
+    #: tokens and time of the core's passes
+    usage: TurnUsage = Field(default_factory=TurnUsage)
 
 
 Event = StageEvent | TextEvent | CallEvent | ChatResult
@@ -87,8 +125,11 @@ class Assistant:
                  conversations: ConversationStore, *, max_new_tokens: int = 160, history_messages: int = 8,
                  max_calls: int = 16, reuse_prefix: bool = True, router: Any = None,
                  cannot_see: Callable[[Any], bool] | None = None, jump_forward: bool = True,
-                 max_prompt_tokens: int | None = 2048) -> None:
+                 max_prompt_tokens: int | None = 2048, short_handles: bool | None = None) -> None:
         self.core = core
+        # the core reads and writes short handles (img1, mask2 …) instead of artifact ids; None: when the
+        # core says it was made for them (``core.short_handles``, True for a CoreModel)
+        self.short_handles = bool(getattr(core, "short_handles", False)) if short_handles is None else short_handles
         self.registry = registry
         self.store = store
         self.dispatcher = dispatcher
@@ -103,7 +144,7 @@ class Assistant:
         self.cannot_see = cannot_see
         self.jump_forward = jump_forward
         self.max_prompt_tokens = max_prompt_tokens
-        self._trimmed = 0  # messages the latest prompt left out (read by run, per turn)
+        self._turn = threading.local()  # per thread (concurrent turns share the assistant): .trimmed
 
     # -- pieces -----------------------------------------------------------------------------------
     def _prompt_messages(self, conv: Conversation) -> list[dict[str, Any]]:
@@ -112,7 +153,7 @@ class Assistant:
             msgs = msgs[1:]
         msgs = [{k: v for k, v in m.items() if k in ("role", "content", "images")} for m in msgs]
         kept = self._fit(msgs)
-        self._trimmed = max(self._trimmed, len(msgs) - len(kept))
+        self._turn.trimmed = max(self._trimmed, len(msgs) - len(kept))
         return kept
 
     def _fit(self, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,6 +171,20 @@ class Assistant:
                     f"{n} tokens. Please shorten the message.")
             msgs = msgs[users[1]:]
         return msgs
+
+    @property
+    def _trimmed(self) -> int:
+        """Messages this thread's latest prompt left out (read by ``run``, per turn)."""
+        return getattr(self._turn, "trimmed", 0)
+
+    def read_window(self, messages: list[dict[str, Any]]) -> int:
+        """How many of the newest ``messages`` (the last one the new user turn) the core would read:
+        at most ``history_messages``, starting at a user message, within ``max_prompt_tokens``. The
+        API imports only these from a request's history (their images are the only ones stored)."""
+        msgs = messages[-self.history_messages:]
+        while msgs and msgs[0]["role"] != "user":
+            msgs = msgs[1:]
+        return len(self._fit([{k: v for k, v in m.items() if k in ("role", "content", "images")} for m in msgs]))
 
     def check_message(self, message: str, images: list[str] | None = None) -> None:
         """Refuse, before the turn starts, a message that alone does not fit the prompt limit."""
@@ -166,50 +221,111 @@ class Assistant:
                 return None
         return tuple(route)
 
+    def _asked(self, conv: Conversation, message: str,
+               route: tuple[str, ...] | None) -> tuple[ImageQuestion, str] | None:
+        """An image question about the conversation's latest image that the core cannot see, and that
+        image: answered from the detector's results (``evidence``), not by the core. None otherwise."""
+        images = [i for i, kind in conv.artifacts.items() if kind == "image"]
+        if self.cannot_see is None or not images:
+            return None
+        question = evidence_question(message, route, self.registry, getattr(self.router, "trained_experts", None))
+        if question is None or not self.cannot_see(self.store.open_image(images[-1])):
+            return None
+        return question, images[-1]
+
     def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
                   emit: Callable[[Event], None], prefix_cache: Any = None,
                   route: tuple[str, ...] | None = None, max_tokens: int | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> tuple[str, str]:
-        """The core's reply and why it ended ("stop", "length", "cancelled")."""
+                  should_stop: Callable[[], bool] | None = None, sampling: Sampling | None = None,
+                  usage: TurnUsage | None = None) -> tuple[str, str]:
+        """The core's reply and why it ended ("stop", "length", "cancelled"); its tokens and time are
+        added to ``usage``."""
         messages = self._prompt_messages(conv)
+        images, artifacts = self._images(messages), conv.artifacts
+        handles = Handles.for_conversation(messages, artifacts) if self.short_handles else None
+        if handles is not None:  # the core reads and writes img1, mask2 … (orchestrator.core.handles)
+            messages, images, artifacts = handles.messages(messages), handles.images(images), handles.artifacts(artifacts)
         if route is not None and not route:
             allow_calls, route = False, None  # routed to a plain answer
-        fast = self.jump_forward and hasattr(self.core, "decode")
-        grammar = CommandGrammar.from_registry(self.registry, conv.artifacts, allow_calls=allow_calls,
+        fast = self._decodes
+        grammar = CommandGrammar.from_registry(self.registry, artifacts, allow_calls=allow_calls,
                                                max_calls=self.max_calls, route=route, canonical=fast)
         extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
         # a routed chain must fit: each call copies an artifact id (~24 tokens) and its arguments
         budget = max(self.max_new_tokens, TOKENS_PER_CALL * len(route)) if route else self.max_new_tokens
         if max_tokens is not None:
             budget = min(budget, max_tokens)
-        on_text = lambda t: emit(TextEvent(type=phase, text=t))  # noqa: E731
+        pieces = 0
+
+        def on_text(t: str) -> None:
+            nonlocal pieces
+            pieces += 1
+            emit(TextEvent(type=phase, text=t))
+
+        flush: Callable[[], None] = lambda: None  # noqa: E731
+        if handles is not None:
+            on_text, flush = handles.stream(on_text)
+        usage = usage if usage is not None else TurnUsage()
+        started = time.perf_counter()
         if fast:
-            out = self.core.decode(messages, self._images(messages), grammar=grammar, max_new_tokens=budget,
+            if sampling is not None and sampling.changes_tokens:
+                extra["sampling"] = sampling
+            out = self.core.decode(messages, images, grammar=grammar, max_new_tokens=budget,
                                    on_text=on_text, should_stop=should_stop, **extra)
-            return out.text, out.finish_reason
+            flush()
+            cached = (getattr(prefix_cache, "last", None) or {}).get("reused", 0) if prefix_cache is not None else 0
+            usage.add(getattr(out, "prompt_tokens", 0), getattr(out, "tokens", 0), time.perf_counter() - started,
+                      cached)
+            return (handles.ids(out.text) if handles is not None else out.text), out.finish_reason
         processor = GrammarLogitsProcessor(grammar, self.core.tokenizer, prompt_length=None)
-        text = self.core.generate(messages, self._images(messages), max_new_tokens=budget,
+        text = self.core.generate(messages, images, max_new_tokens=budget,
                                   logits_processor=[processor], on_text=on_text, **extra)
+        flush()
+        text = handles.ids(text) if handles is not None else text
+        count, encode = getattr(self.core, "count_tokens", None), getattr(self.core.tokenizer, "encode", None)
+        completion = len(encode(text, add_special_tokens=False)) if encode is not None else pieces
+        usage.add(count(messages) if count is not None else 0, completion, time.perf_counter() - started)
         return text, "stop"
+
+    @property
+    def _decodes(self) -> bool:
+        """Whether the core is decoded through its ``decode`` (jump-forward; a remote core, which has no
+        ``generate``, always) rather than transformers' ``generate`` with the grammar's logits processor."""
+        return hasattr(self.core, "decode") and (self.jump_forward or not hasattr(self.core, "generate"))
+
+    @property
+    def samples(self) -> bool:
+        """Whether the answer can be sampled (``Sampling``): only cores decoded by ``decode`` can."""
+        return self._decodes
 
     def plan(self, conv: Conversation) -> str:
         """The core's reply for the conversation as it stands (not executed), routed as ``run`` would."""
         last = conv.messages[-1] if conv.messages and conv.messages[-1]["role"] == "user" else None
         route = self._route(conv, str(last["content"]), list(last.get("images") or [])) if last else None
+        asked = self._asked(conv, str(last["content"]), route) if last else None
+        if asked is not None:
+            return asked[0].call(asked[1])
         return self._generate(conv, allow_calls=True, phase="plan", emit=lambda e: None, route=route)[0].strip()
 
     # -- the whole turn ---------------------------------------------------------------------------
     def run(self, message: str, *, images: list[str] | None = None, conversation_id: str | None = None,
             on_event: Callable[[Event], None] | None = None, max_tokens: int | None = None,
-            should_stop: Callable[[], bool] | None = None) -> ChatResult:
+            should_stop: Callable[[], bool] | None = None, sampling: Sampling | None = None) -> ChatResult:
         """One user turn, start to finish. ``images`` are artifact ids already in the store.
 
         ``max_tokens`` caps the answer (a plain reply, or the answer after the calls); ``should_stop``
         (asked at every decoding step) ends the turn early: no calls are started after it says so.
+        ``sampling`` chooses the answer's tokens (the answer after calls, or a reply routed straight to
+        a plain answer; plans stay greedy) and its ``stop`` strings end the answer (finish "stop").
         """
         emit = on_event or (lambda e: None)
+        if sampling is not None and sampling.changes_tokens and not self.samples:
+            param = "temperature" if not sampling.greedy else "presence_penalty"
+            raise SamplingUnsupported(f"Unsupported parameter: '{param}' is not supported by this core, which "
+                                      "decodes greedily.", param)
         self.check_message(message, images)
-        self._trimmed = 0
+        usage = TurnUsage()
+        self._turn.trimmed = 0
         conv = self.conversations.get(conversation_id) if conversation_id else self.conversations.create()
         for image_id in images or []:
             conv.add_artifact(image_id, self.store.get(image_id).kind)
@@ -218,9 +334,15 @@ class Assistant:
 
         emit(StageEvent(stage="planning"))
         prefix_cache = self._prefix_cache()
-        reply, finish = self._generate(conv, allow_calls=True, phase="plan", emit=emit, prefix_cache=prefix_cache,
-                                       route=route, should_stop=should_stop,
-                                       max_tokens=max_tokens if route == () else None)
+        asked = self._asked(conv, message, route)
+        if asked is not None:  # an image question the core cannot see: the detector's results answer it
+            reply, finish = asked[0].call(asked[1]), "stop"
+            emit(TextEvent(type="plan", text=reply))
+        else:
+            reply, finish = self._generate(conv, allow_calls=True, phase="plan", emit=emit,
+                                           prefix_cache=prefix_cache, route=route, should_stop=should_stop,
+                                           max_tokens=max_tokens if route == () else None,
+                                           sampling=sampling if route == () else None, usage=usage)
         reply = reply.strip()
         routed = list(route) if route is not None else None
         parsed = parse(reply)
@@ -231,24 +353,23 @@ class Assistant:
             finish = "cancelled"  # the client went away: start no calls
         if not parsed.calls and not parsed.errors or finish == "cancelled":
             answer, corrections = reply, []
-            if max_tokens is not None and finish != "cancelled":
-                answer, cut = self._cap(answer, max_tokens)
-                finish = "length" if cut else finish
             if self.cannot_see is not None:
                 images = self._images(self._prompt_messages(conv)).values()
                 answer, corrections = unseen_answer(reply, sum(bool(self.cannot_see(i)) for i in images))
+            answer, finish = self._finish(answer, finish, max_tokens, sampling)
             conv.messages.append({"role": "assistant", "content": answer})
             self.conversations.save(conv)
             result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=[], errors=[], artifacts=[],
                                 route=routed, corrections=corrections, finish_reason=finish,  # type: ignore[arg-type]
-                                trimmed_messages=self._trimmed)
+                                trimmed_messages=self._trimmed, usage=usage)
             emit(StageEvent(stage="done"))
             emit(result)
             return result
 
         emit(StageEvent(stage="executing"))
         plan = Plan.from_validated(validated)
-        outcome = self.dispatcher.run_plan(plan, conversation_id=conv.id, on_event=emit)
+        outcome = self.dispatcher.run_plan(plan, conversation_id=conv.id, on_event=emit,
+                                              **({"should_stop": should_stop} if should_stop is not None else {}))
         by_id = outcome.by_id()
         calls: list[CallRecord] = []
         for call in parsed.calls:
@@ -270,22 +391,39 @@ class Assistant:
         emit(StageEvent(stage="answering"))
         # The answer is checked against the calls before anyone sees it (fusion.faithful_answer), so
         # it is sent once checked (word by word), not as the core writes it.
-        drafted, finish = self._generate(conv, allow_calls=False, phase="answer", emit=lambda e: None,
-                                         prefix_cache=prefix_cache, max_tokens=max_tokens, should_stop=should_stop)
-        answer, corrections = faithful_answer(drafted.strip(), calls)
-        if max_tokens is not None and finish != "cancelled":
-            answer, cut = self._cap(answer, max_tokens)
-            finish = "length" if cut or finish == "length" else finish
+        if asked is not None:
+            answer, corrections = evidence_answer(asked[0], calls, self.store.open_image(asked[1]).size), []
+        else:
+            drafted, finish = self._generate(conv, allow_calls=False, phase="answer", emit=lambda e: None,
+                                             prefix_cache=prefix_cache, max_tokens=max_tokens,
+                                             should_stop=should_stop, sampling=sampling, usage=usage)
+            answer, corrections = faithful_answer(drafted.strip(), calls)
+        answer, finish = self._finish(answer, finish, max_tokens, sampling)
         for piece in re.findall(r"\s*\S+", answer):
             emit(TextEvent(type="answer", text=piece))
         conv.messages.append({"role": "assistant", "content": answer})
         self.conversations.save(conv)
         result = ChatResult(conversation_id=conv.id, answer=answer, plan=reply, calls=calls, errors=errors,
                             artifacts=artifacts, route=routed, corrections=corrections,
-                            finish_reason=finish, trimmed_messages=self._trimmed)  # type: ignore[arg-type]
+                            finish_reason=finish, trimmed_messages=self._trimmed, usage=usage)  # type: ignore[arg-type]
         emit(StageEvent(stage="done"))
         emit(result)
         return result
+
+    def _finish(self, answer: str, finish: str, max_tokens: int | None,
+                sampling: Sampling | None) -> tuple[str, str]:
+        """The answer as sent, and its finish reason: cut before a ``stop`` string ("stop"), then to
+        ``max_tokens`` ("length"); a cancelled turn's answer is left as it is."""
+        if finish == "cancelled":
+            return answer, finish
+        if sampling is not None and sampling.stop:
+            answer, stopped = sampling.cut(answer)
+            if stopped:  # as every answer, without trailing whitespace
+                answer, finish = answer.rstrip(), "stop"
+        if max_tokens is not None:
+            answer, cut = self._cap(answer, max_tokens)
+            finish = "length" if cut else finish
+        return answer, finish
 
     def _cap(self, answer: str, max_tokens: int) -> tuple[str, bool]:
         """The answer cut to ``max_tokens`` tokens (the checked answer may be the calls' own summaries,
