@@ -13,23 +13,14 @@ pytest.importorskip("transformers")
 
 from orchestrator.core import model as cm  # noqa: E402
 from orchestrator.core.batching import StepBatcher, run_batch  # noqa: E402
+from tests.orchestrator.core.tiny import tiny_core  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-TOKENIZER = REPO / "models" / "core" / "tokenizer"
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    if not (TOKENIZER / "tokenizer.json").exists():
-        pytest.skip("models/core/tokenizer is not there")
-    from transformers import LlamaForCausalLM
-
-    tok = cm.load_tokenizer(TOKENIZER)
-    cfg = cm.llava_config(cm.tiny_text_config(len(tok)), cm.vision_config(tiny=True),
-                          tok.convert_tokens_to_ids(cm.IMAGE_TOKEN))
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(cfg.text_config).state_dict()
-    return cm.CoreModel(cm.assemble(cfg, lm).eval(), tok)
+    return tiny_core()
 
 
 def _cache(core):

@@ -16,25 +16,16 @@ pytest.importorskip("transformers")
 
 from orchestrator.core import model as cm  # noqa: E402
 from orchestrator.core.format import tool_turn  # noqa: E402
+from tests.orchestrator.core.tiny import tiny_core  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-TOKENIZER = REPO / "models" / "core" / "tokenizer"
 A = "image-3f9a2b1c0d4e5f6a7b8c9d0e"
 B = "image-0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
 def core() -> cm.CoreModel:
-    if not (TOKENIZER / "tokenizer.json").exists():
-        pytest.skip("models/core/tokenizer is not there (train the core first)")
-    from transformers import LlamaForCausalLM
-
-    tok = cm.load_tokenizer(TOKENIZER)
-    cfg = cm.llava_config(cm.tiny_text_config(len(tok)), cm.vision_config(tiny=True),
-                          tok.convert_tokens_to_ids(cm.IMAGE_TOKEN))
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(cfg.text_config).state_dict()
-    return cm.CoreModel(cm.assemble(cfg, lm).eval(), tok)
+    return tiny_core()
 
 
 @pytest.fixture(scope="module")

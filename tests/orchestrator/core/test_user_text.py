@@ -21,6 +21,7 @@ from orchestrator.core.sampling import Sampling
 from orchestrator.dispatch import LocalDispatcher
 from orchestrator.session import ConversationStore
 from switchboard.registry import Registry
+from tests.orchestrator.core.tiny import tiny_core
 
 REPO = Path(__file__).resolve().parents[3]
 TOKENIZER = REPO / "models" / "core" / "tokenizer"
@@ -80,16 +81,7 @@ def test_the_tokenizer_sees_only_the_markup(tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def core(tokenizer):
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaForCausalLM
-
-    from orchestrator.core import model as cm
-
-    cfg = cm.llava_config(cm.tiny_text_config(len(tokenizer)), cm.vision_config(tiny=True),
-                          tokenizer.convert_tokens_to_ids(cm.IMAGE_TOKEN))
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(cfg.text_config).state_dict()
-    return cm.CoreModel(cm.assemble(cfg, lm).eval(), tokenizer)
+    return tiny_core(tokenizer)
 
 
 @pytest.fixture(scope="module")
