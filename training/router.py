@@ -96,44 +96,42 @@ def token_cache_path() -> Path:
     return cache_path().parent / "tokens.npz"
 
 
-class AttentionHead:
+def attention_head(dim: int, n_labels: int, *, heads: int = 4, att_hidden: int = 128, hidden: int = 256,
+                   token_drop: float = 0.1) -> Any:
     """The router-2 head in torch (training): attention pooling over token states (``heads`` learned
     queries, see ``orchestrator.core.router.attention_pool``), concatenated with the mean-pooled
     embedding and the has-image flag, then the MLP. ``token_drop``: the share of tokens hidden from
     the pooling in training, so that no single word decides."""
+    import torch
 
-    def __new__(cls, dim: int, n_labels: int, *, heads: int = 4, att_hidden: int = 128, hidden: int = 256,
-                token_drop: float = 0.1) -> Any:
-        import torch
+    class _Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att_w = torch.nn.Linear(dim, att_hidden)
+            self.att_v = torch.nn.Linear(att_hidden, heads, bias=False)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(heads * dim + dim + 1, hidden), torch.nn.ReLU(),
+                                           torch.nn.Dropout(0.1), torch.nn.Linear(hidden, n_labels))
 
-        class _Head(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.att_w = torch.nn.Linear(dim, att_hidden)
-                self.att_v = torch.nn.Linear(att_hidden, heads, bias=False)
-                self.mlp = torch.nn.Sequential(torch.nn.Linear(heads * dim + dim + 1, hidden), torch.nn.ReLU(),
-                                               torch.nn.Dropout(0.1), torch.nn.Linear(hidden, n_labels))
+        def forward(self, h: Any, mask: Any, x: Any) -> Any:
+            s = self.att_v(torch.tanh(self.att_w(h)))                     # [B, L, heads]
+            keep = mask
+            if self.training and token_drop > 0:
+                keep = mask & (torch.rand(mask.shape) >= token_drop)
+                keep[:, 0] = True                                        # [CLS] always stays
+            s = s.masked_fill(~keep.unsqueeze(-1), float("-inf"))
+            a = torch.softmax(s, dim=1)
+            p = torch.einsum("blk,bld->bkd", a, h)
+            p = torch.nn.functional.normalize(p, dim=-1).reshape(h.shape[0], -1)
+            return self.mlp(torch.cat([p, x], dim=1))
 
-            def forward(self, h: Any, mask: Any, x: Any) -> Any:
-                s = self.att_v(torch.tanh(self.att_w(h)))                     # [B, L, heads]
-                keep = mask
-                if self.training and token_drop > 0:
-                    keep = mask & (torch.rand(mask.shape) >= token_drop)
-                    keep[:, 0] = True                                        # [CLS] always stays
-                s = s.masked_fill(~keep.unsqueeze(-1), float("-inf"))
-                a = torch.softmax(s, dim=1)
-                p = torch.einsum("blk,bld->bkd", a, h)
-                p = torch.nn.functional.normalize(p, dim=-1).reshape(h.shape[0], -1)
-                return self.mlp(torch.cat([p, x], dim=1))
+        def weights(self) -> dict[str, Any]:
+            sd = {k: v.detach() for k, v in self.state_dict().items()}
+            return {"att_w": sd["att_w.weight"].T.contiguous().numpy(), "att_b": sd["att_w.bias"].numpy(),
+                    "att_v": sd["att_v.weight"].T.contiguous().numpy(),
+                    "w1": sd["mlp.0.weight"].T.contiguous().numpy(), "b1": sd["mlp.0.bias"].numpy(),
+                    "w2": sd["mlp.3.weight"].T.contiguous().numpy(), "b2": sd["mlp.3.bias"].numpy()}
 
-            def weights(self) -> dict[str, Any]:
-                sd = {k: v.detach() for k, v in self.state_dict().items()}
-                return {"att_w": sd["att_w.weight"].T.contiguous().numpy(), "att_b": sd["att_w.bias"].numpy(),
-                        "att_v": sd["att_v.weight"].T.contiguous().numpy(),
-                        "w1": sd["mlp.0.weight"].T.contiguous().numpy(), "b1": sd["mlp.0.bias"].numpy(),
-                        "w2": sd["mlp.3.weight"].T.contiguous().numpy(), "b2": sd["mlp.3.bias"].numpy()}
-
-        return _Head()
+    return _Head()
 
 
 def _pad(states: list[Any], idx: Any) -> tuple[Any, Any]:
@@ -261,7 +259,7 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
           log: Any = print) -> dict[str, Any]:
     """Train the head (see the module doc). ``adapt``: a registry whose experts beyond the built-in
     ones (installed plugins) join the head as labels of their own (``switchboard train router --adapt``).
-    ``pool="attention"``: the router-2 head, which also reads the token states (``AttentionHead``)."""
+    ``pool="attention"``: the router-2 head, which also reads the token states (``attention_head``)."""
     import numpy as np
     import torch
     from safetensors.numpy import save_file
@@ -299,7 +297,7 @@ def train(*, out: Path, n_real: int = 24000, n_registry: int = 6000, n_core: int
     if attention:
         states = tokens_cached(enc, [r[0] for r in rows], None if tiny else token_cache_path())
         log(f"router: token states ({time.time() - t0:.0f} s)", file=sys.stderr)
-        model = AttentionHead(emb.shape[1], len(labels), heads=heads, hidden=hidden, token_drop=token_drop)
+        model = attention_head(emb.shape[1], len(labels), heads=heads, hidden=hidden, token_drop=token_drop)
     else:
         model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
                                     torch.nn.Linear(hidden, len(labels)))

@@ -368,6 +368,8 @@ class Router:
         probs = self.head_probs(emb, has_image, available, pooled)
         plug = self.plugin_similarity(emb, registry)
         known = self.known_similarity(emb, available) if plug else None
+        # per label: whether its first expert needs an image (labels of missing experts never win)
+        needs = [bool(lab) and lab[0] in available and _needs_image(registry.get_class(lab[0])) for lab in self.labels]
         anchors = self.anchor_similarity(emb) if plug else None
         routes = []
         for i in range(len(texts)):
@@ -387,9 +389,8 @@ class Router:
                 continue
             j = int(order[0])
             label, p = self.labels[j], round(float(probs[i, j]), 4)
-            if label and not has_image[i] and _needs_image(registry.get_class(label[0])):
-                free = [int(q) for q in order if self.labels[q] and probs[i, q] > 0
-                        and not _needs_image(registry.get_class(self.labels[q][0]))]
+            if label and not has_image[i] and needs[j]:
+                free = [int(q) for q in order if self.labels[q] and probs[i, q] > 0 and not needs[q]]
                 if free and probs[i, free[0]] >= self.no_image_fallback:
                     q = free[0]
                     routes.append(Route(self.labels[q], round(float(probs[i, q]), 4), "head", alts))
