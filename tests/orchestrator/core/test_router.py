@@ -94,9 +94,11 @@ def test_plugin_gets_its_requests_zero_shot(router, plugin_registry, plugin):
     assert all(r.source == "zero-shot" for r in routes if r.experts == (plugin,))
 
 
-def test_plugin_does_not_take_requests_that_only_mention_an_image(router):
+def test_plugin_does_not_take_requests_that_only_mention_an_image(router, monkeypatch):
     """A reading plugin gets reading requests, not describe questions that share "this photo" with its
-    examples (the intent-free anchors); without the anchors it takes them."""
+    examples (the intent-free anchors); without the anchors it takes them. (The image-question rule,
+    tested below, would keep these too: it is switched off here.)"""
+    monkeypatch.setattr(router, "_plugin_takes", lambda *a: True)
     from training.router import builtin_registry
 
     reg = builtin_registry()
@@ -119,6 +121,31 @@ def test_plugin_does_not_take_requests_that_only_mention_an_image(router):
     # ... and keep every describe question that it would otherwise take
     assert any(r.experts == ("readtext",) for r in plain[n:])
     assert all(r.experts != ("readtext",) for r in routes[n:]), routes[n:]
+
+
+def test_plugin_takes_image_questions_only_of_a_kind_its_examples_ask(router):
+    """"What's in this image?" is one word from the reading plugin's "what text is in the image?" —
+    closer than any anchor — but it is a describe question, a kind the reading plugin's examples never
+    ask: its route is the one it had before the plugin was installed. A captioning plugin, whose
+    examples ask "what does this photo show?", keeps describe questions."""
+    from training.router import builtin_registry
+
+    questions = ["What's in this image?", "What colours do you see in this image?", "what is in this picture?",
+                 "how many circles are there?"]
+    base = builtin_registry()
+    before = router.route_batch(questions, [True] * len(questions), base)
+    reading = builtin_registry()
+    reading.register(ReadTextExpert, "tests (toy plugin)")
+    with_reading = router.route_batch(questions, [True] * len(questions), reading)
+    assert [r.experts for r in with_reading] == [r.experts for r in before]
+    # the rule, not the anchors, keeps the first one: by similarity alone the plugin takes it
+    assert router.plugin_similarity(router.embed(questions[:1])[0], reading)["readtext"][0] >= max(
+        router.tau, float(router.anchor_similarity(router.embed(questions[:1])[0])[0]) + router.anchor_margin)
+    # reading requests still go to the reading plugin
+    assert router.route("what text is in the image?", True, reading).experts == ("readtext",)
+    captioning = builtin_registry()
+    captioning.register(CaptionExpert, "tests (toy plugin)")
+    assert router.route("What's in this image?", True, captioning).experts == ("caption",)
 
 
 def test_plugin_needs_an_image(router, plugin_registry):
@@ -145,3 +172,37 @@ def test_plugin_leaves_other_routes_alone(router, registry, plugin_registry):
 def test_shipped_files_are_small():
     size = sum(p.stat().st_size for p in Path(default_path()).iterdir() if p.is_file())
     assert size < 4_000_000
+
+
+def test_encoder_cache_is_bounded(router):
+    """A server routes every message it is sent: the embedding cache keeps only the most recent texts,
+    and what it returns does not depend on what was evicted."""
+    import numpy as np
+
+    enc = router.encoder
+    texts = [f"find the {c} circle" for c in ("red", "green", "blue", "yellow", "purple")]
+    limit = enc.max_cached
+    try:
+        enc.max_cached = 3
+        first = enc(texts)
+        assert len(enc._cache) == 3 and list(enc._cache) == texts[2:]
+        again = enc(texts[:2] + texts[:2])  # evicted: encoded again, each once
+        np.testing.assert_allclose(again, np.concatenate([first[:2], first[:2]]), atol=1e-5)
+        assert list(enc._cache) == [texts[4], texts[0], texts[1]]
+    finally:
+        enc.max_cached = limit
+
+
+def test_text_encoder_cache_is_bounded():
+    """The generator's prompt cache is bounded the same way (a new prompt with nearly every call)."""
+    import torch
+
+    from experts.pixel_diffusion import TextEncoder
+
+    enc = TextEncoder(max_cached=2)
+    prompts = ["a red circle", "a blue square", "a green star"]
+    states, mask, pooled = enc(prompts)
+    assert list(enc._cache) == prompts[1:]
+    s2, m2, p2 = enc(prompts[:1])
+    assert torch.allclose(s2[0], states[0], atol=1e-5) and torch.equal(m2[0], mask[0])
+    assert list(enc._cache) == [prompts[2], prompts[0]]
