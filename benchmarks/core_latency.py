@@ -23,7 +23,9 @@ old / new), prompt tokens and the prefill's p50 with ids vs handles, routing met
 by jump-forward, against token-by-token decoding by the same loop, model, prompt and grammar,
 greedy), and ``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on
 threads, their forward passes batched (``orchestrator.core.batching``), vs the same turns one at a
-time (``batched_identical``: the share of those plans identical to the one-at-a-time ones).
+time (``batched_identical``: the share of those plans identical to the one-at-a-time ones;
+``batched_passes`` against ``longest_turn_passes``: lockstep batching at its best runs as many passes
+as the longest of the turns needs alone).
 """
 
 from __future__ import annotations
@@ -171,13 +173,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best = {"alone": float("inf"), "batched": float("inf")}
     best_cpu = {"alone": float("inf"), "batched": float("inf")}
     alone_texts: list[str] = []
+    alone_passes: list[int] = []
     batched_texts: list[str | None] = [None] * len(work)
     largest, rows_run, passes_run = 0, 0, 0
     for r in range(max(1, a.repeat)):
         for mode in (("alone", "batched") if r % 2 == 0 else ("batched", "alone")):
             t0, c0 = time.perf_counter(), time.process_time()
             if mode == "alone":
-                alone_texts = [new(m, im)[0] for m, im in work]
+                alone_out = [new(m, im) for m, im in work]
+                alone_texts, alone_passes = [t for t, _ in alone_out], [n for _, n in alone_out]
             else:
                 def turn(k: int) -> None:
                     batched_texts[k] = new(*work[k], batched=True)[0]
@@ -225,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    / len(work), 4),
         "largest_batch": largest,
         "rows_per_batched_pass": round(rows_run / passes_run, 2) if passes_run else None,
+        # lockstep batching at its best runs as many passes as the longest turn needs alone
+        "batched_passes": passes_run, "passes_alone": sum(alone_passes),
+        "longest_turn_passes": max(alone_passes, default=0),
     }
     if a.json:
         print(json.dumps(out, indent=2))

@@ -3,19 +3,29 @@
 Every turn decodes on its own thread (the API server runs turns in threads), one forward pass per
 token the model chooses (``orchestrator.core.decode``). On a CPU a pass over one sequence leaves the
 matrix units mostly idle, so the passes of concurrent turns are worth running together, as the
-workers batch expert calls. :class:`StepBatcher` collects the steps that arrive within a short window
-(or until every turn that is decoding has asked), runs them as one forward pass and hands each turn
-its own last-token logits.
+workers batch expert calls. :class:`StepBatcher` waits until every turn that is decoding has asked for
+its next step (at most a short window), runs the steps as one forward pass and hands each turn its
+own last-token logits.
 
 Each turn keeps its own KV cache (a transformers ``DynamicCache``, so jump-forward's roll-back and the
-prefix cache work as before). A batched pass lays each row out as ``[pad | past | pad | new tokens]``:
-the pasts are left-padded to the longest, the new tokens (one chosen token, or a jump-forward
-insertion, or a whole prompt) are left-padded to the longest, a 4-D additive mask hides the pads and
-keeps the new tokens causal, and explicit position ids give every token its own sequence's position.
-Afterwards each row's new keys and values are appended to its own cache. A step that runs alone is
-the plain unbatched call, so a single turn decodes exactly as without the batcher; batched rows see
-the same tokens at the same positions (only the floating-point order of the sums differs), and the
-greedy plans are the same (tests/orchestrator/core/test_batching.py).
+prefix cache work as before). A batched pass packs the rows into one sequence, without padding: the
+keys are every row's past followed by every row's new tokens (one chosen token, or a jump-forward
+insertion, or a whole prompt), a 4-D additive mask lets each new token see only its own row's past
+and, causally, its own row's new tokens, and explicit position ids give every token its own
+sequence's position; the logits kept are each row's last. Afterwards each row's new keys and values
+are appended to its own cache. Packing rather than padding matters on a CPU: a batch that mixes a
+prefill (~40 tokens) or a jump (~10) with one-token steps would otherwise pay for every row at the
+longest row's length. A step that runs alone is the plain unbatched call, so a single turn decodes
+exactly as without the batcher; batched rows see the same tokens at the same positions (only the
+floating-point order of the sums differs), and the greedy plans are the same
+(tests/orchestrator/core/test_batching.py).
+
+Batches run in lockstep: the serving thread waits (up to ``window_s``, 30 ms by default) until every
+turn that is decoding has its next step waiting. A turn's own work between two passes (grammar
+checks, re-tokenising after a jump) takes a few milliseconds, far less than a pass, so waiting for the
+stragglers costs little, while a pass started without them costs a whole extra pass for them alone
+(on a CPU a pass of a few rows costs about what a pass of one row costs: the weights are read once
+either way). A turn that finishes leaves its session, and a batch waiting for it runs at once.
 """
 
 from __future__ import annotations
@@ -27,8 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-#: how long the first step of a batch waits for the others (seconds)
-DEFAULT_WINDOW_S = 0.004
+#: how long the first step of a batch waits, at most, for the other decoding turns' steps (seconds)
+DEFAULT_WINDOW_S = 0.03
 DEFAULT_MAX_BATCH = 32
 
 
@@ -137,66 +147,41 @@ def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
     from transformers import DynamicCache
 
     dev = core.device
-    pad = core.tokenizer.pad_token_id or 0
+    feeds = [len(f) for f, _, _ in steps]
     pasts = [kv.get_seq_length() for _, kv, _ in steps]
-    n_past, n_new = max(pasts), max(len(f) for f, _, _ in steps)
-    b = len(steps)
-    ids = torch.full((b, n_new), pad, dtype=torch.long, device=dev)
-    pos = torch.zeros((b, n_new), dtype=torch.long, device=dev)
-    allowed = torch.zeros((b, n_new, n_past + n_new), dtype=torch.bool, device=dev)
-    causal = torch.ones((n_new, n_new), dtype=torch.bool, device=dev).tril()
-    for r, ((feed, _, _), past) in enumerate(zip(steps, pasts, strict=True)):
-        f = len(feed)
-        ids[r, n_new - f:] = torch.tensor(feed, device=dev)
-        pos[r, n_new - f:] = torch.arange(past, past + f, device=dev)
-        pos[r, :n_new - f] = past  # pads: any position (masked out)
-        allowed[r, :, n_past - past:n_past] = True  # this row's past
-        allowed[r, :, n_past:] = causal
-        allowed[r, :, n_past:n_past + n_new - f] = False  # this row's padding among the new tokens
-        if past == 0 and f < n_new:  # a pad query with nothing to see: let it see itself (no NaN)
-            allowed[r, :n_new - f, n_past:n_past + n_new - f] |= torch.eye(n_new - f, dtype=torch.bool, device=dev)
+    n_past, n_new, b = sum(pasts), sum(feeds), len(steps)
+    # which row each key (every row's past, then every row's new tokens) and each query belongs to
+    rows = torch.arange(b, device=dev)
+    owner_q = rows.repeat_interleave(torch.tensor(feeds, device=dev))
+    owner_k = torch.cat([rows.repeat_interleave(torch.tensor(pasts, device=dev)), owner_q])
+    allowed = owner_q[:, None] == owner_k[None, :]
+    allowed[:, n_past:] &= torch.ones((n_new, n_new), dtype=torch.bool, device=dev).tril()  # causal
+    ids = torch.tensor([[t for f, _, _ in steps for t in f]], device=dev)
+    pos = torch.cat([torch.arange(p, p + f, device=dev) for p, f in zip(pasts, feeds, strict=True)])[None]
     dtype = core.model.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros((1, 1, n_new, n_past + n_new), dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
     batch_kv = DynamicCache(config=core.model.config.get_text_config())
-    if n_past:
-        layers = next(_layers(kv) for (_, kv, _), past in zip(steps, pasts, strict=True) if past)
-        for li in range(len(layers)):
-            ks, vs = [], []
-            for (_, kv, _), past in zip(steps, pasts, strict=True):
-                k, v = _kv(kv, li) if past else (None, None)
-                ks.append(_left_pad(k, n_past, layers[li][0]))
-                vs.append(_left_pad(v, n_past, layers[li][1]))
-            batch_kv.update(torch.cat(ks), torch.cat(vs), li)
-    kwargs = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
-              "cache": batch_kv, "use_cache": True, "logits_to_keep": 1}
+    with_past = [kv for (_, kv, _), past in zip(steps, pasts, strict=True) if past]
+    for li in range(len(with_past[0].layers) if with_past else 0):
+        keys = torch.cat([kv.layers[li].keys for kv in with_past], dim=-2)
+        values = torch.cat([kv.layers[li].values for kv in with_past], dim=-2)
+        layer = batch_kv.layers[li]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values  # (``update`` would copy them once more)
+    last = torch.tensor(feeds, device=dev).cumsum(0) - 1  # each row's last new token
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+              "cache": batch_kv, "use_cache": True, "logits_to_keep": last}
     pixels = [p for _, _, p in steps if p is not None]
     if pixels:
         kwargs["pixel_values"] = torch.cat(pixels)
     with torch.inference_mode():
         out = core.model(**kwargs)
-    for r, (feed, kv, _) in enumerate(steps):
-        _append(kv, out.cache, r, len(feed), start=n_past + n_new - len(feed))
-    return [out.logits[r, -1] for r in range(b)]
-
-
-def _layers(kv: Any) -> list[tuple[Any, Any]]:
-    return [(layer.keys, layer.values) for layer in kv.layers]
-
-
-def _kv(kv: Any, li: int) -> tuple[Any, Any]:
-    layer = kv.layers[li]
-    return layer.keys, layer.values
-
-
-def _left_pad(t: Any, n: int, like: Any) -> Any:
-    import torch
-
-    if t is None:
-        return like.new_zeros((1, like.shape[1], n, like.shape[3]))
-    if t.shape[-2] == n:
-        return t
-    return torch.cat([t.new_zeros((t.shape[0], t.shape[1], n - t.shape[-2], t.shape[3])), t], dim=-2)
+    start = n_past
+    for (_, kv, _), f in zip(steps, feeds, strict=True):
+        _append(kv, out.cache, 0, f, start=start)
+        start += f
+    return [out.logits[0, r] for r in range(b)]
 
 
 def _append(kv: Any, source: Any, row: int, count: int, *, start: int | None = None) -> None:
@@ -204,4 +189,4 @@ def _append(kv: Any, source: Any, row: int, count: int, *, start: int | None = N
     for li, layer in enumerate(source.layers):
         k, v = layer.keys, layer.values
         s = k.shape[-2] - count if start is None else start
-        kv.update(k[row:row + 1, :, s:s + count].contiguous(), v[row:row + 1, :, s:s + count].contiguous(), li)
+        kv.update(k[row:row + 1, :, s:s + count], v[row:row + 1, :, s:s + count], li)  # update copies (cat)

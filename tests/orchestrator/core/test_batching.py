@@ -86,6 +86,95 @@ def test_concurrent_steps_run_as_one_batch(tiny) -> None:
         assert torch.allclose(w, g, atol=1e-4)
 
 
+def test_lockstep_turns_share_every_pass(tiny) -> None:
+    """Turns whose steps arrive tens of milliseconds apart (their work between passes, a busy CPU) still
+    run every pass together: the batch waits for every open session's step, not a fixed short window."""
+    import time
+
+    core = tiny
+    batcher = StepBatcher(core, window_s=5.0)
+    n_turns, n_steps = 4, 3
+    got: list = [[] for _ in range(n_turns)]
+    ready = threading.Barrier(n_turns)
+
+    def turn(k: int) -> None:
+        kv = _cache(core)
+        with batcher.session():
+            ready.wait()
+            for step in range(n_steps):
+                time.sleep(0.02 * k)  # turn k is 20*k ms late for every step: more than the old 4 ms window
+                feed = _ids(core, "red circle") if step == 0 else [7 + k]  # a prompt, then chosen tokens
+                got[k].append(batcher.step(feed, kv))
+
+    threads = [threading.Thread(target=turn, args=(k,)) for k in range(n_turns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert batcher.stats == {"passes": n_steps, "rows": n_turns * n_steps, "largest": n_turns}
+    assert all(len(g) == n_steps for g in got)
+
+
+def test_a_turn_that_leaves_does_not_stall_the_others(tiny) -> None:
+    """A batch waiting for an open session runs as soon as that session closes without a step (its turn
+    finished, was cancelled, or failed), not when the window runs out."""
+    import time
+
+    core = tiny
+    batcher = StepBatcher(core, window_s=30.0)
+    leaving = threading.Event()
+    took: dict[str, float] = {}
+
+    def stepping() -> None:
+        with batcher.session():
+            t0 = time.monotonic()
+            leaving.wait()
+            batcher.step(_ids(core, "blue square"), _cache(core))
+            took["step"] = time.monotonic() - t0
+
+    def leaver() -> None:
+        with batcher.session():
+            leaving.set()
+            time.sleep(0.2)  # opened, never steps, then leaves
+
+    threads = [threading.Thread(target=stepping), threading.Thread(target=leaver)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert took["step"] < 15.0  # not the 30 s window (load-tolerant bound; typically ~0.2 s)
+    assert batcher.stats["passes"] == 1 and batcher.stats["rows"] == 1
+
+
+def test_a_packed_pass_keeps_each_rows_last_logits(tiny) -> None:
+    """Many rows of very different lengths in one packed pass (no padding): each row's logits and cache
+    are its own, whatever its place in the pack."""
+    core = tiny
+    texts = ["a", "one two three four five six seven eight nine ten", "x y", "<call id=\"c1\"", "red"]
+    pasts = [_ids(core, t) for t in ("", "past words here", "", "some longer past of several words", "p")]
+    kvs_alone, kvs_batch, feeds = [], [], []
+    for t, past in zip(texts, pasts, strict=True):
+        pair = []
+        for _ in range(2):
+            kv = _cache(core)
+            if past:
+                run_batch(core, [(past, kv, None)])
+            pair.append(kv)
+        kvs_alone.append(pair[0])
+        kvs_batch.append(pair[1])
+        feeds.append(_ids(core, t))
+    alone = [run_batch(core, [(f, kv, None)])[0] for f, kv in zip(feeds, kvs_alone, strict=True)]
+    batched = run_batch(core, [(f, kv, None) for f, kv in zip(feeds, kvs_batch, strict=True)])
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert [kv.get_seq_length() for kv in kvs_batch] == [len(p) + len(f) for p, f in zip(pasts, feeds, strict=True)]
+    # the next step (one token each) from the packed caches matches too
+    nxt_alone = [run_batch(core, [([5], kv, None)])[0] for kv in kvs_alone]
+    nxt_batch = run_batch(core, [([5], kv, None) for kv in kvs_batch])
+    for a, b in zip(nxt_alone, nxt_batch, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
 def test_a_failed_pass_reaches_every_waiting_turn(tiny) -> None:
     batcher = StepBatcher(tiny, window_s=0.001)
     with pytest.raises(Exception):  # noqa: B017 - whatever the model raises for an out-of-vocabulary id
