@@ -944,14 +944,26 @@ def _remote_decode(core: Any, messages: list[dict], registry: Any, *, images: di
     return core.decode(messages, images, grammar=g, max_new_tokens=max_new_tokens, constrain=constrain).text
 
 
+#: the tokens a reply gets when its grammar admits no call (``allow_calls=False``): its expert sequence is
+#: empty whatever it says, and the wild scorer reads nothing else, so a longer answer would cost time
+#: (most of a remote wild run) without changing a figure
+NO_CALL_BUDGET = 8
+
+
 def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_tokens: int = 120,
-                  limit: int | None = None, router: Any = None) -> dict[str, Any]:
+                  limit: int | None = None, router: Any = None, items: list[Any] | None = None,
+                  ) -> dict[str, Any]:
     """The core on the wild set (training/evalsets/wild.jsonl, see training/wild.py): each request
     with its image attached; the parsed calls' expert sequence is scored. Aggregates only.
+    ``items``: another set of ``WildItem``s scored the same way (the dev set, ``_dev_items``;
+    its attached images, ``"attached"``, are the wild set's shapes-world ``scene``).
 
     With ``router`` (as ``switchboard chat`` runs it), each request is routed first and the grammar
     lets the core write exactly the routed calls (or only a plain answer), as the loop does; a route
     the request cannot serve (an expert that needs an image when none is attached) is not imposed.
+    A reply routed to no call is decoded for ``NO_CALL_BUDGET`` tokens where the grammar is enforced
+    (the embedded core's, a remote core's unless ``SWITCHBOARD_CORE_GRAMMAR=none``): its grammar admits
+    no ``<``, so its expert sequence is empty at any length.
     """
     from tqdm import tqdm
 
@@ -963,7 +975,9 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
 
     registry = data_registry()
     _GRAMMAR_TOKENIZER[:] = [getattr(core, "tokenizer", None)]  # a remote core has none (and needs none)
-    items = load()[:limit] if limit else load()
+    label = "eval core (wild)" if items is None else "eval core"
+    items = list(load() if items is None else items)
+    items = items[:limit] if limit else items
     convs: list[tuple[list[dict], dict]] = []
     for i, it in enumerate(items):
         msg: dict[str, Any] = {"role": "user", "content": it.request}
@@ -971,7 +985,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
         if it.image:
             aid = f"image-{i:024x}"
             msg["images"] = [aid]
-            images[aid] = resolve_image(it.image)
+            images[aid] = resolve_image("scene" if it.image == "attached" else it.image)
         convs.append(([msg], images))
     routes: list[tuple[str, ...] | None] = [None] * len(items)
     if router is not None:
@@ -990,7 +1004,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
             batches.append([i])
     preds: dict[int, list[str]] = {}
     t0 = time.time()
-    for idx in tqdm(batches, desc="eval core (wild)", unit="batch"):
+    for idx in tqdm(batches, desc=label, unit="batch"):
         group = [convs[i] for i in idx]
         route = routes[idx[0]]
         if route is not None:
@@ -998,6 +1012,8 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
         else:
             kw = {}
         budget = max(max_new_tokens, TOKENS_PER_CALL * len(route)) if route else max_new_tokens
+        if route == () and getattr(core, "grammar_mode", "gbnf") != "none":
+            budget = min(budget, NO_CALL_BUDGET)
         if getattr(core, "remote", False):
             texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=budget,
                                     constrain=grammar or route is not None, **kw) for m, im in group]
@@ -1009,6 +1025,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
     res = score([preds[i] for i in range(len(items))], items)
     res["routed"] = sum(r is not None for r in routes)
     res["seconds"] = round(time.time() - t0, 1)
+    res["seconds_per_request"] = round(res["seconds"] / len(items), 2) if items else None
     return res
 
 
@@ -1023,15 +1040,52 @@ def _remote_core(spec: str) -> Any:
     return RemoteCore.from_settings(s, data_registry())
 
 
+def _flat(res: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A result's scalar figures, nested ones (``per_expert``) as ``per_expert.detect``."""
+    out: dict[str, Any] = {}
+    for k, v in res.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is None or isinstance(v, int | float | str):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+#: the figures ``side_by_side`` shows first (the rest follow in the order the results have them)
+SIDE_BY_SIDE_FIRST = ("expert_accuracy", "exact_call_accuracy", "argument_f1", "none_accuracy", "chain_accuracy")
+
+
+def side_by_side(results: dict[str, dict[str, Any]]) -> str:
+    """One table: a row per figure, a column per core (``results``: core name -> its metrics); a figure
+    one core lacks shows ``-``. Counts and timings are rows too, so a reader sees both ran the same set."""
+    flat = {name: _flat(r) for name, r in results.items()}
+    keys: list[str] = [k for k in SIDE_BY_SIDE_FIRST if any(k in f for f in flat.values())]
+    per_expert = any(k.startswith("per_expert.") for f in flat.values() for k in f)
+    for f in flat.values():  # per_category repeats per_expert, chain and none: shown once
+        keys += [k for k in f if k not in keys and not k.startswith(("counts.", "per_category." if per_expert else "-"))]
+    names = list(results)
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(round(v, 4)) if isinstance(v, float) else str(v)
+
+    rows = [["", *names]] + [[k, *(cell(flat[n].get(k)) for n in names)] for k in keys]
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(len(rows[0]))]
+    return "\n".join(r[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))
+                     for r in rows)
+
+
 def main_eval(argv: list[str]) -> int:
-    """``switchboard eval core [--json] [--n N] [--model PATH] [--set {heldout,wild}]``: held-out
-    templates + human phrasings, or the wild set (training/evalsets/wild.jsonl)."""
+    """``switchboard eval core [--json] [--n N] [--model PATH] [--set {heldout,wild,dev}] [--core openai:…
+    [--compare embedded]]``: held-out templates + human phrasings, the wild set
+    (training/evalsets/wild.jsonl) or the dev set; a remote core, beside the embedded one with ``--compare``."""
     p = argparse.ArgumentParser(prog="switchboard eval core", description="Evaluate the core on held-out "
                                 "templates and phrasings never used in training, and on human-phrased requests.")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--set", dest="eval_set", choices=["heldout", "wild"], default="heldout",
+    p.add_argument("--set", dest="eval_set", choices=["heldout", "wild", "dev"], default="heldout",
                    help="heldout (default): held-out templates + human phrasings; wild: requests written by "
-                   "others (training/evalsets/wild.jsonl), expert sequences scored by training/wild.py")
+                   "others (training/evalsets/wild.jsonl), expert sequences scored by training/wild.py; dev: the "
+                   "tuning set (training/evalsets/dev.jsonl) scored the same way")
+    p.add_argument("--limit", type=int, default=None, help="with --set wild|dev: only the first N requests")
     p.add_argument("--router", action=argparse.BooleanOptionalAction, default=True,
                    help="route each request the loop would route first and constrain its decoding to the route, "
                    "as `switchboard chat` does (default on; --no-router: the core plans alone)")
@@ -1042,6 +1096,9 @@ def main_eval(argv: list[str]) -> int:
                    help="evaluate a remote core: any OpenAI-compatible chat endpoint, as SWITCHBOARD_CORE runs it "
                    "(SWITCHBOARD_CORE_GRAMMAR, _CORE_IMAGES, _CORE_API_KEY apply; --grammar constrains every "
                    "reply, routed replies always are)")
+    p.add_argument("--compare", choices=["embedded"], default=None,
+                   help="with --core: evaluate the embedded core (--model, default the shipped one) on the same set, "
+                   "draw, router and flags, and print both in one table (--json: both results)")
     p.add_argument("--no-human", action="store_true", help="skip the human-phrased set")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -1057,44 +1114,81 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="which held-out draw (default 0, the one MODEL_CARD.md "
                    "quotes; another seed draws other scenes and phrasings from the same held-out templates)")
     a = p.parse_args(argv)
+    if a.compare and not a.core:
+        p.error("--compare embedded compares a remote core (--core openai:<base_url>#<model>) with the embedded one")
+    if a.compare and a.errors:
+        p.error("--errors writes one core's failures: leave out --compare")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _threads(a.threads)
     from orchestrator.core.model import CoreModel
 
-    core = _remote_core(a.core) if a.core else CoreModel.load(a.model)
-    if a.eval_set == "wild":
-        router = None
-        if a.router:
-            from orchestrator.core.router import Router
-
-            router = Router.load(a.router_model)
-        res = evaluate_wild(core, batch=a.batch, grammar=a.grammar, max_new_tokens=a.max_new_tokens, router=router)
-        res["router"] = str(a.router_model or "models/router") if router is not None else None
-        res["decoding"] = "grammar" if a.grammar else "unconstrained"
-        if a.core:  # how the server was asked to constrain (routed replies always are), repaired once
-            res.update(core=a.core, core_grammar=core.grammar_mode)
-        print(json.dumps(res) if a.json else "\n".join(f"{k:28s} {v}" for k, v in res.items()))
-        return 0
     router = None
     if a.router:
         from orchestrator.core.router import Router
 
         router = Router.load(a.router_model)
-    res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
-                   max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward,
-                   router=router)
-    res["router"] = str(a.router_model or "models/router") if router is not None else None
-    res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
+    cores: dict[str, Any] = {}
     if a.core:
-        res.update(core=a.core, core_grammar=core.grammar_mode, decoding="grammar" if a.grammar else "unconstrained")
-    errors = res.pop("errors")
-    if a.errors:
-        a.errors.write_text(json.dumps(errors, indent=1))
+        cores["remote"] = _remote_core(a.core)
+    if a.compare or not a.core:
+        cores["embedded"] = CoreModel.load(a.model)
+    results = {name: _eval_one(core, a, router) for name, core in cores.items()}
+    if len(results) == 1:
+        res = next(iter(results.values()))
+        errors = res.pop("errors", None)
+        if a.errors and errors is not None:
+            a.errors.write_text(json.dumps(errors, indent=1))
+        if a.json:
+            print(json.dumps(res))
+        else:
+            print("\n".join(f"{k:28s} {v}" for k, v in res.items()))
+            if errors is not None:
+                print(f"({len(errors)} failures{'; see ' + str(a.errors) if a.errors else ''})")
+        return 0
+    for res in results.values():
+        res.pop("errors", None)
     if a.json:
-        print(json.dumps(res))
+        print(json.dumps({"set": a.eval_set, **results}))
     else:
-        for k, v in res.items():
-            print(f"{k:28s} {v}")
-        print(f"({len(errors)} failures{'; see ' + str(a.errors) if a.errors else ''})")
+        print(f"switchboard eval core --set {a.eval_set}: {a.core} beside the embedded core")
+        print(side_by_side(results))
     return 0
+
+
+DEV_SET = Path(__file__).resolve().parent / "evalsets" / "dev.jsonl"
+
+
+def _dev_items(path: Path = DEV_SET) -> list[Any]:
+    """The dev (tuning) set as ``WildItem``s, as ``training.router.load_dev`` reads it (an attached image is
+    ``"attached"``; evaluate_wild shows the shapes-world scene). Read here: training.router imports this
+    module, so importing it back would be a cycle."""
+    from training.wild import WildItem
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [WildItem(r["id"], r["request"], "attached" if r.get("image") else None, tuple(r["expected"]),
+                     category=r.get("category", "")) for r in rows]
+
+
+def _eval_one(core: Any, a: argparse.Namespace, router: Any) -> dict[str, Any]:
+    """One core's figures for ``main_eval``'s arguments (the set, router, flags), labelled with how it ran."""
+    remote = getattr(core, "remote", False)
+    if a.eval_set in ("wild", "dev"):
+        items = None
+        if a.eval_set == "dev":
+            items = _dev_items()
+        res = evaluate_wild(core, batch=a.batch, grammar=a.grammar, max_new_tokens=a.max_new_tokens,
+                            router=router, items=items, limit=a.limit)
+        res["router"] = str(a.router_model or "models/router") if router is not None else None
+        res["decoding"] = "grammar" if a.grammar else "unconstrained"
+    else:
+        res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
+                       max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward,
+                       router=router)
+        res["router"] = str(a.router_model or "models/router") if router is not None else None
+        res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
+        if remote:
+            res["decoding"] = "grammar" if a.grammar else "unconstrained"
+    if remote:  # how the server was asked to constrain (routed replies always are), repaired once
+        res.update(core=a.core, core_grammar=core.grammar_mode)
+    return res

@@ -34,15 +34,17 @@ llama_cpp = pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m llama_cpp.server`` on a free loopback port; yields its OpenAI base URL."""
+    """llama-cpp-python's server on a free loopback port, through ``orchestrator.core.llama_server`` (the
+    grammar checked on the sampled token first, as llama.cpp's own server does; one thread: on a shared
+    CPU, llama.cpp's threads wait on each other); yields its OpenAI base URL."""
     from orchestrator.core.model import smollm2_gguf
 
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-                                 "--n_threads", "2", "--verbose", "False"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.core.llama_server", "--model", str(smollm2_gguf()),
+                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "1",
+                                 "--n_threads_batch", "1", "--verbose", "False"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180
@@ -110,7 +112,7 @@ def test_a_two_turn_chat_through_the_loop(llama_server, router, registry, store,
     from orchestrator.session import ConversationStore
 
     core = RecordingCore.from_spec(f"openai:{llama_server}", registry=registry, send_images=False)
-    # short answers: llama-cpp-python applies a grammar to the whole vocabulary at every step (slow on a CPU)
+    # short answers: the 135M model rambles to its budget inside a plain-text answer
     assistant = Assistant(core, registry, store, LocalDispatcher(registry, store),
                           ConversationStore(tmp_path / "conv"), router=router, max_new_tokens=40)
     img = store.put_image(scene()).id
@@ -131,8 +133,9 @@ def test_a_two_turn_chat_through_the_loop(llama_server, router, registry, store,
     assert {e.stage for e in events if isinstance(e, CallEvent)} >= {"started", "done"}
     assert isinstance(events[-1], ChatResult)
 
-    # a follow-up is planned by the model alone, under the whole registry's grammar
-    second = assistant.run("now find the blue square", conversation_id=first.conversation_id)
+    # a follow-up that points back is planned by the model alone, under the whole registry's grammar (one
+    # that names its own object, "now find the blue square", would be routed like a first request)
+    second = assistant.run("now segment it", conversation_id=first.conversation_id)
     assert second.route is None
     assert_in_grammar(core)
     assert all(grammar.canonical for grammar, _ in core.replies)  # the loop's grammar, sent as GBNF
@@ -185,3 +188,32 @@ def test_the_api_streams_a_turn_of_the_remote_core(llama_server, registry, tmp_p
     assert stages == ["planning", "executing", "answering", "done"]
     assert [c.function.name for c in calls] == ["detect"]
     assert text.strip()
+
+
+def test_eval_core_prints_the_remote_core_beside_the_embedded_one(llama_server, monkeypatch, capsys) -> None:
+    """``switchboard eval core --core openai:… --compare embedded``: both cores on the same requests (the
+    first of the dev set), one table, and --json with both results."""
+    from switchboard.settings import get_settings
+    from training.core import main_eval
+
+    monkeypatch.setenv("SWITCHBOARD_CORE_IMAGES", "false")  # the SmolLM2 GGUF reads no image
+    get_settings.cache_clear()
+    try:
+        argv = ["--set", "dev", "--limit", "4", "--core", f"openai:{llama_server}#smollm2", "--compare", "embedded"]
+        assert main_eval([*argv, "--json"]) == 0
+        both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main_eval(argv) == 0
+        table = capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
+    assert both["set"] == "dev" and set(both) == {"set", "remote", "embedded"}
+    remote, embedded = both["remote"], both["embedded"]
+    assert remote["n"] == embedded["n"] == 4 and remote["routed"] == embedded["routed"]
+    assert remote["core"].endswith("#smollm2") and remote["core_grammar"] == "gbnf" and "core" not in embedded
+    for r in (remote, embedded):
+        assert 0.0 <= r["expert_accuracy"] <= 1.0 and r["per_category"]
+    header, *rows = table.strip().splitlines()[1:]
+    assert header.split() == ["remote", "embedded"]
+    figures = {row.split()[0]: row.split()[1:] for row in rows}
+    assert len(figures["expert_accuracy"]) == 2 and figures["n"] == ["4", "4"]
+    assert any(k.startswith("per_expert.") for k in figures)
