@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from switchboard.expert import (
     BoxesRef,
@@ -17,10 +17,13 @@ from switchboard.expert import (
     SimulatedScene,
     Simulation,
     compose,
+    exactly_one,
 )
 
 
 class CropArgs(BaseModel):
+    model_config = ConfigDict(json_schema_extra=exactly_one("region", "boxes"))
+
     image: ImageRef
     region: list[int] | None = Field(
         default=None, min_length=4, max_length=4,

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from experts.domain import check_image
 from experts.grounding import Grounder, mask_colour
@@ -78,6 +78,7 @@ from switchboard.expert import (
     SimulatedScene,
     Simulation,
     compose,
+    exactly_one,
     map_on_threads,
 )
 
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
 
 # -- arguments and result ----------------------------------------------------------------------------
 class SegmentArgs(BaseModel):
+    model_config = ConfigDict(json_schema_extra=exactly_one("boxes", "points", "target"))
+
     image: ImageRef
     boxes: BoxesRef | None = Field(default=None, description="Segment each box another call (detect) found.")
     points: list[list[int]] | None = Field(

@@ -37,6 +37,7 @@ from switchboard.expert import (
     OutputArtifact,
     RunContext,
     compose,
+    exactly_one,
 )
 from switchboard.registry import Registry, get_registry
 
@@ -54,5 +55,6 @@ __all__ = [
     "RunContext",
     "SwitchboardError",
     "compose",
+    "exactly_one",
     "get_registry",
 ]

@@ -94,6 +94,25 @@ BoxesRef = _artifact_ref("boxes", "A boxes artifact id, or $<call id> for the bo
 MaskRef = _artifact_ref("mask", "A mask artifact id, or $<call id> for the mask another call made.")
 
 
+def exactly_one(*fields: str) -> dict[str, Any]:
+    """JSON-schema ``oneOf`` saying exactly one of ``fields`` is given, for an ``Args`` model's
+    ``model_config = ConfigDict(json_schema_extra=exactly_one("boxes", "points", "target"))``.
+
+    The model's own validator still enforces it; declaring it in the schema is what lets the command
+    grammar (and a server's grammar) admit only calls that give exactly one, so a core cannot write
+    ``boxes=… target=…`` in the first place. Several groups: ``{"allOf": [exactly_one(…), exactly_one(…)]}``
+    is not supported; declare the one that matters."""
+    return {"oneOf": [{"required": [f]} for f in fields]}
+
+
+def exclusive_fields(args_model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of which exactly one is given (``exactly_one``), in declaration order; () if none."""
+    schema = args_model.model_json_schema()
+    groups = schema.get("oneOf") or []
+    names = [g["required"][0] for g in groups if isinstance(g, dict) and len(g.get("required") or []) == 1]
+    return tuple(n for n in schema.get("properties", {}) if n in names) if len(names) == len(groups) else ()
+
+
 def artifact_fields(args_model: type[BaseModel]) -> dict[str, str]:
     """Map of argument name -> artifact kind, for arguments that hold artifact ids or references."""
     return dict(_artifact_fields(args_model))

@@ -401,6 +401,10 @@ def recolour_claims(sentence: str) -> list[tuple[str, str | None]]:
     for m in _RECOLOUR_VERB.finditer(sentence):
         window = sentence[m.end(): m.end() + 60]
         explicit = m.group(1).startswith("recolo")
+        if not explicit and re.match(r"\s*[:;,.!?)]", window):
+            # the verb ends its clause, so it has no object or colour to make anything into: "the mask I
+            # made: 1 candidate (red hexagon)" claims no recolouring; "made it red" still does
+            continue
         cols = re.findall(rf"\b({_COLOUR_RE})\b", window)
         if not explicit and (not cols or _NOT_RECOLOUR.search(window[:window.find(cols[-1])])):
             continue

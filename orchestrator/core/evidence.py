@@ -34,20 +34,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from experts.referring import CLASS_SYNONYMS, COLOUR_WORDS
 from orchestrator.commands import Call, format_call
 from orchestrator.events import CallRecord
+from switchboard.expert import artifact_fields
 
 Kind = Literal["describe", "count", "exists", "colour"]
 EXPERT = "detect"  # the expert whose results answer image questions
 EVERYTHING = "everything"
-# The evidence call's minimum detection score, calibrated on 200 shapes-world scenes that are not the
-# held-out ones. Counting one class (count, exists, colour): per-shape count exact 0.883 at the
-# detector's default 0.25, 0.907 at 0.4, 0.916 at 0.5, 0.911 at 0.6. Describing everything: F1 0.922 at
-# 0.25 and 0.938 at 0.5 as reported, but most low-score boxes are a second class guessed for an object
-# already found (same colour, same place); read as one object (``SAME_OBJECT_IOU``) F1 is 0.959 at 0.25
-# and 0.946 at 0.5, so describe keeps the default and reads such boxes as one object.
-CONFIDENCE = 0.5
-DESCRIBE_CONFIDENCE = 0.25
+# The evidence call's minimum detection score, calibrated on shapes-world scenes that are not the
+# held-out ones. With the detector's per-class NMS (session 15, 200 scenes): per-shape count exact 0.883
+# at 0.25, 0.907 at 0.4, 0.916 at 0.5; describe F1 0.922 at 0.25 as reported and 0.959 with one object
+# read as two shapes said once (``SAME_OBJECT_IOU``). The detector now suppresses overlapping boxes
+# across classes in the shapes world (``experts.detect``), which removes most second readings, so the
+# threshold was measured again (300 scenes, dataset seed 987654): counts in the eval's mix (a shape
+# present 3/4 of the time) 0.904 at 0.25, 0.913 at 0.3, 0.907 at 0.4, 0.905 at 0.5 (per-class NMS at
+# 0.5: 0.896); describe F1 0.958 at 0.25, 0.958 at 0.3, 0.953 at 0.4, 0.948 at 0.5. One threshold, 0.3,
+# serves both.
+CONFIDENCE = 0.3
+DESCRIBE_CONFIDENCE = CONFIDENCE
 SAME_OBJECT_IOU = 0.6  # two boxes of one colour overlapping this much are one object (0.5-0.7: same F1)
 
 # Requests that are not questions about which objects are in the image: reading text (OCR's), asking
@@ -150,6 +155,80 @@ def evidence_question(message: str, route: Sequence[str] | None, registry: Any,
         if claims_kind(examples + list(getattr(cls, "phrasings", [])), question.kind):
             return None
     return question
+
+
+# -- what a core that cannot see may not guess ------------------------------------------------------
+# A point prompt is a place in 0-1000 coordinates. A core that cannot see the image can only translate
+# place words into one ("whatever is in the middle" -> [[500,500]]); for "the star at the bottom" or
+# "the rightmost shape" it guesses a place ([[500,750]], [[500,500]]) where the object may not be (mask
+# IoU 0 in 3 of 40 referring turns of the conversation eval). Which object the words mean only grounding
+# them on the image can tell, which a text target does (segment's target is grounded with detect). So a
+# request that names an object — a colour, a class of the shapes world or one of its synonyms
+# (``experts.referring``), or a pick among objects ("leftmost", "largest") — gets no point prompt from
+# a blind core; one that names only a place ("the thing at the top left") keeps it. Limitation: class
+# names of real detector weights (COCO's "dog") are not in this vocabulary, so such requests keep it.
+_RELATIVE_PICKS = ("leftmost", "rightmost", "topmost", "uppermost", "highest", "bottommost", "lowest", "largest",
+                   "biggest", "big", "large", "smallest", "tiniest", "small", "little")
+_THING = re.compile(r"\b(?:" + "|".join(sorted(
+    {re.escape(w) for w in COLOUR_WORDS} | {re.escape(p) for ps in CLASS_SYNONYMS.values() for p in ps}
+    | set(_RELATIVE_PICKS), key=len, reverse=True)) + r")(?:s|es)?\b")
+
+
+def names_an_object(message: str) -> bool:
+    """Whether a request names an object by colour, class (or synonym) or a pick among objects, rather
+    than only a place ("the red one", "the square at the top", "the largest shape": yes; "whatever is in
+    the middle", "the thing at the top left": no)."""
+    return bool(_THING.search(" ".join(message.lower().replace("’", "'").split())))
+
+
+_REFERS_BACK = re.compile(r"\b(?:it|its|them|they|those|these|that one|this one|the same\b.*)\b")
+
+
+def self_contained(message: str) -> bool:
+    """Whether a follow-up names its own object and does not point back at an earlier one ("now remove
+    the red star", "make the purple square green": yes; "now remove it", "crop them": no). Such a
+    request reads as a first request does, so the loop routes it (a request that points back is the
+    core's to read against the conversation)."""
+    text = " ".join(message.lower().replace("’", "'").split())
+    return names_an_object(text) and not _REFERS_BACK.search(text)
+
+
+def guessed_arguments(message: str, registry: Any) -> frozenset[tuple[str, str]]:
+    """The (expert, argument) pairs a core that cannot see the image may not write for ``message``: the
+    point prompt (``points``, and the ``labels`` that go with it) of every expert that also takes a text
+    ``target``, when the request names an object (see above). Empty otherwise."""
+    if registry is None or not names_an_object(message):
+        return frozenset()
+    out: set[tuple[str, str]] = set()
+    for name in registry.names():
+        fields = getattr(registry.get_class(name).Args, "model_fields", {})
+        if "points" in fields and "target" in fields:
+            out |= {(name, arg) for arg in ("points", "labels") if arg in fields}
+    return frozenset(out)
+
+
+# A boxes argument means every box in it: segment(boxes=…) masks each one. After "what is in this
+# picture?" the conversation's boxes artifact holds every object found, so "now remove the red star"
+# written as boxes="<that artifact>" masks (and removes) all five. When a request names one object, the
+# words say which: such an expert (one that also takes a text ``target``) may take boxes only from a call
+# of the same reply (``$c1``, the detect call that found just that object), not an earlier turn's.
+_MANY = re.compile(r"\b(?:them|those|these|they|all|every|each|both|everything|ones)\b|" + r"\b(?:" + "|".join(
+    sorted({re.escape(p) for ps in CLASS_SYNONYMS.values() for p in ps}, key=len, reverse=True)) + r")(?:s|es)\b")
+
+
+def earlier_boxes_withheld(message: str, registry: Any) -> frozenset[tuple[str, str]]:
+    """The (expert, argument) pairs whose boxes may only come from this reply's own calls for
+    ``message`` (see above): the boxes argument of every expert that also takes a text ``target``, when
+    the request names one object (not "them", "the stars", "all of them"). Empty otherwise."""
+    text = " ".join(message.lower().replace("’", "'").split())
+    if registry is None or not names_an_object(text) or _MANY.search(text):
+        return frozenset()
+    out: set[tuple[str, str]] = set()
+    for name in registry.names():
+        args = registry.get_class(name).Args
+        if "target" in getattr(args, "model_fields", {}):
+            out |= {(name, arg) for arg, kind in artifact_fields(args).items() if kind == "boxes"}
+    return frozenset(out)
 
 
 # -- answers ----------------------------------------------------------------------------------------

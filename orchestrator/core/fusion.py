@@ -30,6 +30,10 @@ from orchestrator.events import CallRecord
 ADMITS_FAILURE = re.compile(
     r"\b(fail\w*|could not|couldn't|cannot|can't|unable|error|not run|did not|didn't|sorry|timed out|invalid)\b",
     re.I)
+# An answer that turns the request down ("That is not an image task", "I have no expert for it") after
+# calls that all ran contradicts them: the core wrote a plain-answer template in the wrong place.
+DENIES = re.compile(r"(\bnot an image task\b|\b(?:can't|cannot|can not) help\b|\bno expert for\b|"
+                    r"\bonly work with images\b|\bneed an image\b|\battach an image\b)", re.I)
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])")
 ARTIFACT_ID = re.compile(r"\b(?:image|overlay|mask|boxes|text|json)-[0-9a-f]{24}\b")
 # The colour and shape words the embedded experts use (their results are the only place such a phrase
@@ -127,6 +131,8 @@ def unsupported(answer: str, calls: Sequence[CallRecord]) -> list[str]:
     if any(c.status != "done" for c in calls) and not ADMITS_FAILURE.search(answer):
         bad = next(c for c in calls if c.status != "done")
         problems.append(f"does not say that {bad.call_id} ({bad.expert}) {bad.status}")
+    if all(c.status == "done" for c in calls) and DENIES.search(answer):
+        problems.append("turns the request down, but every call ran")
     for c in calls:
         if c.status == "done" and (c.result or {}).get("out_of_domain"):
             problems.append(f"{c.call_id} ({c.expert}) is out of its model's domain")

@@ -7,10 +7,15 @@ for artifact arguments, only the artifact ids the conversation holds (of an acce
 ``$id`` references to earlier calls of the same reply. A reply that ends in free text is complete.
 
 What the grammar guarantees: well-formed tags, registered experts, their argument names (no
-repeats, required ones present), artifact values the conversation holds, and values of the right
-shape (a number parses as a number, a list as JSON). Rules about ranges, lengths or combinations of
-arguments stay with the validator, which reports them as clear ``bad_value`` errors: refusing them
-while decoding could leave the model with no way to finish the tag.
+repeats, required ones present), artifact values the conversation holds, values of the right shape
+(a number parses as a number, a list as JSON), and integers inside their schema's bounds (pydantic
+``ge``/``le``: a digit is admitted only while some in-range integer still starts with what is
+written, so the tag can always be finished; a core once wrote ``steps="1239"`` for ``le=200``).
+Other rules about ranges (of floats), lengths or combinations of arguments stay with the validator,
+which reports them as clear ``bad_value`` errors: refusing them while decoding could leave the model
+with no way to finish the tag (a float has no last digit to stop at). The loop may also withhold
+arguments for one turn (``withheld``): a core that cannot see the image gets no point prompt for a
+request that names an object (``evidence.guessed_arguments``).
 
 ``GrammarLogitsProcessor`` applies it to a transformers model: at each step the best-scoring token
 whose text keeps the reply viable wins; all other tokens are masked. Outside tags almost every token
@@ -20,13 +25,14 @@ is viable, so the cost there is one check per step.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from switchboard.artifacts import accepted_kinds
-from switchboard.expert import artifact_fields
+from switchboard.expert import artifact_fields, exclusive_fields
 
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -62,12 +68,30 @@ class ArgSpec:
     kind: str  # "artifact", "string", "number", "integer", "bool", "enum", "json"
     artifact_kind: str | None = None
     choices: tuple[str, ...] = ()
+    #: an integer's inclusive bounds from the schema (None: unbounded on that side)
+    minimum: int | None = None
+    maximum: int | None = None
 
 
 @dataclass(frozen=True)
 class ExpertSpec:
     name: str
     args: dict[str, ArgSpec]
+    #: arguments of which exactly one is given (``switchboard.expert.exactly_one``: segment's boxes,
+    #: points or target); () when the schema declares none
+    exclusive: tuple[str, ...] = ()
+
+    def open_args(self, used: Iterable[str]) -> list[str]:
+        """The arguments still free after ``used``: not written yet, and not the alternatives of an
+        exclusive argument already written."""
+        used = set(used)
+        taken = bool(used & set(self.exclusive))
+        return [a for a in self.args if a not in used and not (taken and a in self.exclusive)]
+
+    def closable(self, used: Iterable[str]) -> bool:
+        """Whether a call with arguments ``used`` may end: every required one, and one exclusive one."""
+        used = set(used)
+        return self.required <= used and (not self.exclusive or bool(used & set(self.exclusive)))
 
     @property
     def required(self) -> frozenset[str]:
@@ -89,6 +113,47 @@ def _arg_kind(prop: dict[str, Any], defs: dict[str, Any]) -> tuple[str, tuple[st
     return {"string": "string", "number": "number", "integer": "integer", "boolean": "bool"}.get(t, "json"), ()
 
 
+def _int_bounds(prop: dict[str, Any], defs: dict[str, Any]) -> tuple[int | None, int | None]:
+    """An integer property's inclusive bounds (``minimum``/``maximum``, or the exclusive ones made
+    inclusive), looked up through ``$ref`` and an ``Optional``'s single alternative as ``_arg_kind`` does."""
+    if "$ref" in prop:
+        prop = defs.get(prop["$ref"].split("/")[-1], {})
+    alts = [a for a in (prop.get("anyOf") or prop.get("oneOf") or []) if a.get("type") != "null"]
+    if len(alts) == 1:
+        return _int_bounds(alts[0], defs)
+    lo, hi = prop.get("minimum"), prop.get("maximum")
+    if prop.get("exclusiveMinimum") is not None:
+        lo = math.floor(prop["exclusiveMinimum"]) + 1
+    if prop.get("exclusiveMaximum") is not None:
+        hi = math.ceil(prop["exclusiveMaximum"]) - 1
+    return (math.ceil(lo) if lo is not None else None), (math.floor(hi) if hi is not None else None)
+
+
+def int_prefix_ok(prefix: str, lo: int | None, hi: int | None) -> bool:
+    """Whether some integer in [lo, hi] (None: unbounded) is written starting with ``prefix`` (itself
+    a prefix of an integer: ``-``, ``0``, ``12`` …, no leading zeros)."""
+    if prefix == "":
+        return lo is None or hi is None or lo <= hi
+    if prefix == "-":  # some negative integer in range: -1, or hi itself when it is below -1
+        top = -1 if hi is None else min(-1, hi)
+        return lo is None or lo <= top
+    if not INTEGER.fullmatch(prefix):
+        return False
+    negative, digits = prefix.startswith("-"), prefix.lstrip("-")
+    v = int(digits)
+    if v == 0:  # "0" (or "-0") takes no more digits
+        return (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    for j in range(20):  # the completions with j more digits: one interval per j
+        a, b = v * 10 ** j, v * 10 ** j + 10 ** j - 1
+        if negative:
+            a, b = -b, -a
+        if (hi is None or a <= hi) and (lo is None or b >= lo):
+            return True
+        if (not negative and hi is not None and a > hi) or (negative and lo is not None and b < lo):
+            return False
+    return False
+
+
 def specs_from_registry(registry: Any) -> dict[str, ExpertSpec]:
     """The grammar's view of the registry: each expert's arguments and how their values look."""
     out = {}
@@ -104,8 +169,9 @@ def specs_from_registry(registry: Any) -> dict[str, ExpertSpec]:
                 args[arg] = ArgSpec(arg, arg in required, "artifact", arts[arg])
             else:
                 kind, choices = _arg_kind(prop, defs)
-                args[arg] = ArgSpec(arg, arg in required, kind, None, choices)
-        out[name] = ExpertSpec(name, args)
+                lo, hi = _int_bounds(prop, defs) if kind == "integer" else (None, None)
+                args[arg] = ArgSpec(arg, arg in required, kind, None, choices, lo, hi)
+        out[name] = ExpertSpec(name, args, exclusive_fields(cls.Args))
     return out
 
 
@@ -149,6 +215,12 @@ class CommandGrammar:
     #: nothing else. It makes all of ``<call id="c1" expert="`` a forced continuation (jump-forward
     #: appends it without a forward pass); the free form stays the default for other callers.
     canonical: bool = False
+    #: (expert, argument) pairs not admitted this turn: the loop withholds a point prompt from a core that
+    #: cannot see the image when the request names an object (``evidence.guessed_arguments``)
+    withheld: frozenset[tuple[str, str]] = frozenset()
+    #: (expert, argument) pairs whose artifact value may only be a ``$`` reference to an earlier call of
+    #: this reply, not an artifact of the conversation (``evidence.earlier_boxes_withheld``)
+    refs_only: frozenset[tuple[str, str]] = frozenset()
 
     @classmethod
     def from_registry(cls, registry: Any, artifacts: dict[str, str] | None = None, **kw: Any) -> CommandGrammar:
@@ -158,18 +230,23 @@ class CommandGrammar:
         return State()
 
     # -- the automaton ------------------------------------------------------------------------------
-    def _values_for(self, spec: ArgSpec, state: State) -> Iterable[str]:
+    def _values_for(self, spec: ArgSpec, state: State, expert: str | None = None) -> Iterable[str]:
         accepted = accepted_kinds(spec.artifact_kind or "")
-        yield from (i for i, k in self.artifacts.items() if k in accepted)
+        if (expert or state.expert or "", spec.name) not in self.refs_only:
+            yield from (i for i, k in self.artifacts.items() if k in accepted)
         yield from ("$" + c for c in state.call_ids[:-1])  # earlier calls of this reply
 
-    def _fillable(self, spec: ArgSpec, state: State) -> bool:
-        """Whether an argument can get any value at all (an artifact argument needs a candidate)."""
-        return spec.kind != "artifact" or next(iter(self._values_for(spec, state)), None) is not None
+    def _fillable(self, spec: ArgSpec, state: State, expert: str | None = None) -> bool:
+        """Whether an argument can get any value at all (an artifact argument needs a candidate; a
+        withheld one gets none)."""
+        if (expert or state.expert or "", spec.name) in self.withheld:
+            return False
+        return spec.kind != "artifact" or next(iter(self._values_for(spec, state, expert)), None) is not None
 
     def _expert_ok(self, name: str, state: State) -> bool:
         spec = self.experts[name]
-        return all(self._fillable(a, state) for a in spec.args.values() if a.required)
+        return all(self._fillable(a, state, name) for a in spec.args.values() if a.required) and (
+            not spec.exclusive or any(self._fillable(spec.args[a], state, name) for a in spec.exclusive))
 
     def _value_char_ok(self, spec: ArgSpec, state: State, ch: str) -> bool:
         new = state.buf + ch
@@ -182,7 +259,7 @@ class CommandGrammar:
         if spec.kind == "number":
             return ch in NUMBER_CHARS and (bool(NUMBER.fullmatch(new)) or bool(NUMBER.fullmatch(new + "0")))
         if spec.kind == "integer":
-            return bool(INTEGER.fullmatch(new)) or new == "-"
+            return (bool(INTEGER.fullmatch(new)) or new == "-") and int_prefix_ok(new, spec.minimum, spec.maximum)
         if spec.kind == "json":
             return ch in JSON_LIST_CHARS and _json_prefix_ok(new)
         return ch not in TEXT_FORBIDDEN
@@ -197,7 +274,8 @@ class CommandGrammar:
         if spec.kind == "number":
             return bool(NUMBER.fullmatch(value))
         if spec.kind == "integer":
-            return bool(INTEGER.fullmatch(value))
+            return bool(INTEGER.fullmatch(value)) and (spec.minimum is None or int(value) >= spec.minimum) and (
+                spec.maximum is None or int(value) <= spec.maximum)
         if spec.kind == "json":
             try:
                 json.loads(value)
@@ -251,11 +329,11 @@ class CommandGrammar:
             elif m == AFTER:
                 spec = self.experts[state.expert or ""]
                 if ch == " ":
-                    if not [a for a in spec.args.values() if a.name not in state.used and self._fillable(a, state)]:
+                    if not [a for a in spec.open_args(state.used) if self._fillable(spec.args[a], state)]:
                         return False
                     state.mode, state.buf = NAME, ""
                 elif ch == "/":
-                    if not spec.required <= set(state.used):
+                    if not spec.closable(state.used):
                         return False
                     state.mode = CLOSE
                 else:
@@ -268,7 +346,7 @@ class CommandGrammar:
                     self._open_call(state, "\n<")  # the next routed call follows on the next line
             elif m == NAME:
                 spec = self.experts[state.expert or ""]
-                free = [a for a, sp in spec.args.items() if a not in state.used and self._fillable(sp, state)]
+                free = [a for a in spec.open_args(state.used) if self._fillable(spec.args[a], state)]
                 if ch == "=":
                     if state.buf not in free:
                         return False
@@ -423,28 +501,57 @@ def gbnf(grammar: CommandGrammar) -> str:
     def value(expert: str, spec: ArgSpec, position: int) -> str | None:
         if spec.kind == "artifact":
             accepted = accepted_kinds(spec.artifact_kind or "")
-            values = [i for i, k in grammar.artifacts.items() if k in accepted]
+            values = [i for i, k in grammar.artifacts.items()
+                      if k in accepted and (expert, spec.name) not in grammar.refs_only]
             values += [f"$c{k}" for k in range(1, position)]
             return " | ".join(_lit(v) for v in values) or None
         if spec.kind == "enum":
             name = f"{names[expert]}-{_rule(spec.name)}"
             rules[name] = " | ".join(_lit(c) for c in spec.choices) or '""'
             return name
+        if spec.kind == "integer" and (spec.minimum is not None or spec.maximum is not None):
+            return bounded_integer(spec)
         name = f"v-{spec.kind}"
         rules[name] = _GBNF_VALUES[spec.kind]
         return name
 
+    def bounded_integer(spec: ArgSpec) -> str:
+        """A bounded integer as GBNF: no sign where the minimum is not negative, and no more digits than
+        the bounds have (the exact range stays the automaton's and the validator's)."""
+        lo, hi = spec.minimum, spec.maximum
+        signed = lo is None or lo < 0
+        width = None if hi is None or lo is None else max(len(str(abs(lo))), len(str(abs(hi))))
+        more = "[0-9]*"
+        if width is not None:
+            more = ""
+            for _ in range(width - 1):  # [1-9] then up to width-1 more digits
+                more = f"([0-9] {more})?" if more else "[0-9]?"
+        name = f"v-integer-{'signed-' if signed else ''}{width or 'any'}"
+        rules[name] = ('"-"? ' if signed else "") + f'("0" | [1-9] {more})'.replace(" )", ")")
+        return name
+
     def call(expert: str, position: int) -> str | None:
         """``expert``'s arguments as the ``position``-th call (None: its required ones cannot be filled)."""
-        parts = []
-        for spec in grammar.experts[expert].args.values():
-            v = value(expert, spec, position)
+        parts, one_of = [], []
+        exp = grammar.experts[expert]
+        for spec in exp.args.values():
+            v = None if (expert, spec.name) in grammar.withheld else value(expert, spec, position)
             if v is None:
                 if spec.required:
                     return None
                 continue
             arg = f"{_lit(' ' + spec.name + '=' + chr(34))} ({v}) {_lit(chr(34))}"
+            if spec.name in exp.exclusive:  # exactly one of them, where the first of them is declared
+                if not one_of:
+                    parts.append("")
+                    at = len(parts) - 1
+                one_of.append(arg)
+                continue
             parts.append(arg if spec.required else f"({arg})?")
+        if exp.exclusive:
+            if not one_of:
+                return None
+            parts[at] = f"({' | '.join(one_of)})"
         name = f"{names[expert]}-{position}"
         rules[name] = " ".join(parts) if parts else '""'
         return name

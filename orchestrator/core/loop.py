@@ -43,7 +43,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from orchestrator.commands import parse, validate
-from orchestrator.core.evidence import ImageQuestion, evidence_answer, evidence_question
+from orchestrator.core.arithmetic import checked_arithmetic
+from orchestrator.core.evidence import EXPERT as EVIDENCE_EXPERT
+from orchestrator.core.evidence import (
+    ImageQuestion,
+    earlier_boxes_withheld,
+    evidence_answer,
+    evidence_question,
+    guessed_arguments,
+    self_contained,
+)
 from orchestrator.core.format import tool_turn
 from orchestrator.core.fusion import faithful_answer, unseen_answer
 from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
@@ -102,7 +111,9 @@ class ChatResult(BaseModel):
     calls: list[CallRecord]  # one per call of the plan, in reply order (invalid ones included)
     errors: list[dict[str, Any]]
     artifacts: list[dict[str, Any]]  # id, kind, role, call_id
-    route: list[str] | None = None  # the router's expert sequence for this turn ([] = answer directly)
+    #: the route the turn took: the router's expert sequence ([] = answer directly; None = no router or a
+    #: follow-up), or ["detect"] for an image question answered from evidence (whatever the router said)
+    route: list[str] | None = None
     # why the core's drafted answer was replaced by the calls' own summaries (empty: it was not)
     corrections: list[str] = Field(default_factory=list)
     #: "stop"; "length" when the answer reached ``max_tokens``; "cancelled" when the turn was stopped
@@ -204,16 +215,17 @@ class Assistant:
     def _route(self, conv: Conversation, message: str, images: list[str]) -> tuple[str, ...] | None:
         """The router's expert sequence for this message, or None when the core plans on its own.
 
-        The router reads one request, so it is asked on a conversation's first turn and whenever a
-        message brings an image (a new task); follow-ups are left to the core, which reads the whole
-        conversation. A route the conversation cannot serve (an expert that needs an image when there
+        The router reads one request, so it is asked on a conversation's first turn, whenever a
+        message brings an image (a new task), and for a follow-up that names its own object ("now remove
+        the red star": ``evidence.self_contained``); follow-ups that point back ("now remove it") are left
+        to the core, which reads the whole conversation. A route the conversation cannot serve (an expert that needs an image when there
         is none) is not imposed.
         """
         if self.router is None:
             return None
         first_turn = not any(m["role"] == "assistant" for m in conv.messages)
-        if not (first_turn or images):
-            return None
+        if not (first_turn or images or self_contained(message)):
+            return None  # a follow-up that points back ("now remove it") is read against the conversation
         has_image = any(kind == "image" for kind in conv.artifacts.values())
         route = self.router.route(message, has_image=has_image, registry=self.registry).experts
         if route:
@@ -233,6 +245,22 @@ class Assistant:
             return None
         return question, images[-1]
 
+    def _withheld(self, conv: Conversation) -> frozenset[tuple[str, str]]:
+        """Arguments the core may not write in this plan: where it cannot see the conversation's latest
+        image, a point prompt for a request that names an object (``evidence.guessed_arguments``)."""
+        images = [i for i, kind in conv.artifacts.items() if kind == "image"]
+        last = next((m for m in reversed(conv.messages) if m["role"] == "user"), None)
+        if self.cannot_see is None or not images or last is None:
+            return frozenset()
+        withheld = guessed_arguments(str(last["content"]), self.registry)
+        return withheld if withheld and self.cannot_see(self.store.open_image(images[-1])) else frozenset()
+
+    def _refs_only(self, conv: Conversation) -> frozenset[tuple[str, str]]:
+        """Arguments that may take boxes only from this reply's own calls: where the latest request names
+        one object, not an earlier turn's boxes, which may hold every object (``evidence.earlier_boxes_withheld``)."""
+        last = next((m for m in reversed(conv.messages) if m["role"] == "user"), None)
+        return earlier_boxes_withheld(str(last["content"]), self.registry) if last is not None else frozenset()
+
     def _generate(self, conv: Conversation, *, allow_calls: bool, phase: Literal["plan", "answer"],
                   emit: Callable[[Event], None], prefix_cache: Any = None,
                   route: tuple[str, ...] | None = None, max_tokens: int | None = None,
@@ -249,7 +277,9 @@ class Assistant:
             allow_calls, route = False, None  # routed to a plain answer
         fast = self._decodes
         grammar = CommandGrammar.from_registry(self.registry, artifacts, allow_calls=allow_calls,
-                                               max_calls=self.max_calls, route=route, canonical=fast)
+                                               max_calls=self.max_calls, route=route, canonical=fast,
+                                               withheld=self._withheld(conv) if allow_calls else frozenset(),
+                                               refs_only=self._refs_only(conv) if allow_calls else frozenset())
         extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
         # a routed chain must fit: each call copies an artifact id (~24 tokens) and its arguments
         budget = max(self.max_new_tokens, TOKENS_PER_CALL * len(route)) if route else self.max_new_tokens
@@ -344,7 +374,8 @@ class Assistant:
                                            max_tokens=max_tokens if route == () else None,
                                            sampling=sampling if route == () else None, usage=usage)
         reply = reply.strip()
-        routed = list(route) if route is not None else None
+        # the route the turn took: on an evidence turn the detect call the loop made, not the router's guess
+        routed = [EVIDENCE_EXPERT] if asked is not None else list(route) if route is not None else None
         parsed = parse(reply)
         validated = validate(parsed, self.registry, max_calls=self.max_calls,
                              artifact_exists=lambda i: i in conv.artifacts)
@@ -356,6 +387,8 @@ class Assistant:
             if self.cannot_see is not None:
                 images = self._images(self._prompt_messages(conv)).values()
                 answer, corrections = unseen_answer(reply, sum(bool(self.cannot_see(i)) for i in images))
+            answer, computed = checked_arithmetic(answer)  # a sum the core wrote is recomputed
+            corrections = corrections + computed
             answer, finish = self._finish(answer, finish, max_tokens, sampling)
             conv.messages.append({"role": "assistant", "content": answer})
             self.conversations.save(conv)

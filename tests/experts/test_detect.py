@@ -173,6 +173,46 @@ class TestDetect(ExpertContract):
             assert np.allclose(b.boxes, s.boxes, atol=0.2) and np.allclose(b.scores, s.scores, atol=1e-3)
         assert all(score >= 0.5 for score in batch[2].scores)
 
+    def test_one_place_is_one_object_in_the_shapes_world(self) -> None:
+        """The shapes-world detector reads one place as one object (``one_per_place``): boxes of different
+        classes over one place (one painted shape read as a circle and as a hexagon) become one detection;
+        the model's per-class NMS alone keeps both. Real weights keep them
+        (``test_real_weights_with_other_class_names``)."""
+        from experts.detect import one_per_place
+        from experts.referring import QueryPart
+
+        expert = DetectExpert()
+        expert.ensure_setup()
+        assert expert.one_per_place
+        images = [make_scene(scene_seed(TEST_DATASET_SEED, i), size=256).image for i in range(40)]
+
+        def doubles(dets_per_image) -> int:  # pairs of boxes of different classes over one place
+            return sum(1 for dets in dets_per_image for i, a in enumerate(dets) for b in dets[i + 1:]
+                       if a.cls != b.cls and iou(a.xyxy, b.xyxy) >= 0.7)
+
+        raw = expert._predict(images, conf=0.05)
+        everything = [QueryPart("everything")]
+        assert doubles(raw) > 0  # what the check catches
+        merged = [one_per_place(dets, everything) for dets in raw]
+        assert doubles(merged) == 0
+        assert sum(map(len, merged)) < sum(map(len, raw))
+
+    def test_the_reading_asked_for_keeps_its_place(self, store: ArtifactStore) -> None:
+        """The demo scene's small red circle is read as a hexagon (0.51) and as a circle (0.30): "find the
+        red circle" finds it (class-agnostic NMS would have dropped the circle reading), and "what is in
+        this picture" counts one object there, the likelier reading."""
+        from PIL import Image
+
+        demo = Image.open(Path(__file__).resolve().parents[2] / "orchestrator" / "assets" / "demo.png").convert("RGB")
+        expert = DetectExpert()
+        expert.ensure_setup()
+        found = run(expert, store, demo, "the red circle")
+        assert found.labels == ["red circle"], found.summary
+        everything = run(expert, store, demo, "everything")
+        near = [lab for lab, box in zip(everything.labels, everything.boxes, strict=True)
+                if iou(box, found.boxes[0]) >= 0.7]
+        assert len(near) == 1, everything.labels
+
     # -- real weights, same code ----------------------------------------------------------------------
     def test_real_weights_with_other_class_names(self, store: ArtifactStore, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,6 +232,7 @@ class TestDetect(ExpertContract):
 
         expert = DetectExpert()
         assert expert.class_names == list(renamed.values())
+        assert not expert.one_per_place  # classes outside the shapes world: overlapping objects stay
         scene, idx = scenes_with_one("blue", "square", 1)[0]
         square = scene.objects[idx]
         result = run(expert, store, scene.image, "the blue crate")

@@ -131,6 +131,12 @@ def test_check_answer_passes_a_correct_answer_and_fails_wrong_ones():
     t = cv.Turn("recolour", "make it blue", target=0, colour="blue")
     assert cv.check_answer(f"I made the {obj.label} blue.", [rec], sc, t) == []
     assert cv.check_answer(f"I made the {obj.label} green.", [rec], sc, t)
+    # "made" that ends its clause claims no recolouring (a mask "I made: 1 candidate (red …)"); one
+    # with an object and a colour still does, and is still checked
+    seg1 = _segment(sc, [obj.mask], [obj.label])
+    assert cv.recolour_claims(f"here is the mask i made: 1 candidate ({obj.label}).") == []
+    assert cv.check_answer(f"Here is the mask I made: 1 candidate ({obj.label}).", [seg1], sc, turn) == []
+    assert any("no call recoloured" in p for p in cv.check_answer(f"I made it {obj.colour}.", [seg1], sc, turn))
     # an answer that does not say what the edit did ("Here is the mask" after a recolour or a removal)
     seg = _segment(sc, [obj.mask], [obj.label])
     assert any("does not say what the edit did" in p

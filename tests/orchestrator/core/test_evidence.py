@@ -13,14 +13,18 @@ import pytest
 from PIL import Image
 
 from experts.detect import DetectExpert
+from experts.segment import SegmentExpert
 from orchestrator.core.evidence import (
     ImageQuestion,
     evidence_answer,
     evidence_question,
+    guessed_arguments,
     image_question,
+    names_an_object,
     same_objects,
 )
 from orchestrator.core.fusion import unsupported
+from orchestrator.core.grammar import CommandGrammar
 from orchestrator.core.loop import Assistant, CallEvent, StageEvent
 from orchestrator.core.router import Route
 from orchestrator.dispatch import LocalDispatcher
@@ -124,8 +128,8 @@ def test_answers_say_what_the_call_found_and_nothing_else() -> None:
     elsewhere = {"labels": ["blue circle", "blue square", "blue square"],
                  "boxes": [[0, 0, 50, 50], [2, 2, 50, 52], [150, 150, 200, 200]]}
     assert same_objects(elsewhere) == {0: [], 1: [], 2: []}
-    assert ImageQuestion("describe").call("image-" + "a" * 24).endswith('confidence="0.25"/>')
-    assert ImageQuestion("count", "circles").call("image-" + "a" * 24).endswith('confidence="0.5"/>')
+    assert ImageQuestion("describe").call("image-" + "a" * 24).endswith('confidence="0.3"/>')
+    assert ImageQuestion("count", "circles").call("image-" + "a" * 24).endswith('confidence="0.3"/>')
     count = evidence_answer(ImageQuestion("count", "circle", "circles"), [_detect(["red circle", "blue circle"])])
     assert answer_count(count, "circle") == 2 and "1 red circle and 1 blue circle" in count
     mixed = [_detect(["red circle", "red square"])]
@@ -195,6 +199,7 @@ def test_the_loop_answers_an_image_question_from_a_visible_detect_call(detect_re
     result = events[-1]
     assert [c.expert for c in result.calls] == ["detect"] and result.calls[0].args["query"] == "everything"
     assert result.plan.startswith('<call id="c1" expert="detect"')
+    assert result.route == ["detect"]  # the call the turn made, not the router's "ocr"
     assert any(isinstance(e, CallEvent) and e.stage == "done" for e in events)
     assert [e.stage for e in events if isinstance(e, StageEvent)] == ["planning", "executing", "answering", "done"]
     found = result.calls[0].result
@@ -230,3 +235,66 @@ def test_on_a_photo_the_answer_says_so_and_commands_still_go_to_the_core(detect_
     core = ScriptedCore(lambda messages: "I can crop it for you.")
     plain = _assistant(detect_registry, store, tmp_path, core=core).run("hello there", images=[image])
     assert plain.calls == [] and plain.answer == "I can crop it for you."
+
+
+# -- a point prompt is withheld from a core that cannot see when the request names an object ---------
+@pytest.mark.parametrize(("message", "names"), [
+    ("could you separate the star at the bottom out of this image for me, pixel by pixel", True),
+    ("can you give me the pixel region that belongs to the rightmost shape?", True),
+    ("please produce a mask that covers only the square at the top", True),
+    ("segment the red one", True), ("mask the largest shape", True), ("outline the balls", True),
+    ("segment whatever is in the middle", False), ("mask the thing at the top left", False),
+    ("mask the object at the bottom right", False), ("now segment it", False),
+])
+def test_a_request_that_names_an_object_gets_no_guessed_point(message: str, names: bool) -> None:
+    assert names_an_object(message) is names
+    reg = Registry()
+    reg.register(SegmentExpert, "switchboard")
+    reg.register(DetectExpert, "switchboard")
+    withheld = guessed_arguments(message, reg)
+    assert withheld == ({("segment", "points"), ("segment", "labels")} if names else set())
+    # the turn's grammar then offers the text target (or boxes) but no point prompt
+    img = "image-" + "a" * 24
+    g = CommandGrammar.from_registry(reg, {img: "image"}, withheld=withheld)
+    head = f'<call id="c1" expert="segment" image="{img}" '
+    assert g.viable(head + 'target="') and g.viable(head + 'points="[[500,500]]"/>') is not names
+    assert ("points=" in g.gbnf().split("e1-segment-1 ::=")[1].split("\n")[0]) is not names
+
+
+def test_the_loop_withholds_points_only_where_the_core_cannot_see(store, tmp_path) -> None:
+    reg = Registry()
+    reg.register(SegmentExpert, "switchboard")
+    image = store.put_image(make_scene(7, size=256).image).id
+    for blind, want in ((True, {("segment", "points"), ("segment", "labels")}), (False, set())):
+        assistant = Assistant(NoCore(), reg, store, LocalDispatcher(reg, store), ConversationStore(tmp_path / "c"),
+                              cannot_see=lambda image, blind=blind: blind)
+        conv = assistant.conversations.create()
+        conv.add_artifact(image, "image")
+        conv.messages.append({"role": "user", "content": "segment the star at the bottom", "images": [image]})
+        assert assistant._withheld(conv) == want
+        conv.messages.append({"role": "user", "content": "segment whatever is in the middle", "images": []})
+        assert assistant._withheld(conv) == set()
+
+
+def test_earlier_boxes_are_withheld_when_the_request_names_one_object() -> None:
+    """After "what is in this picture?" the boxes artifact holds every object: "now remove the red star"
+    must say which with its words (segment's target), while "remove them" may take those boxes."""
+    from orchestrator.core.evidence import earlier_boxes_withheld
+    from training.router import builtin_registry
+
+    reg = builtin_registry()
+    assert earlier_boxes_withheld("now remove the red star", reg) == frozenset({("segment", "boxes")})
+    assert earlier_boxes_withheld("mask the largest square", reg) == frozenset({("segment", "boxes")})
+    for many in ("now remove them", "remove it", "segment all of them", "mask the stars", "cut out the red ones"):
+        assert earlier_boxes_withheld(many, reg) == frozenset(), many
+
+
+def test_self_contained_follow_ups() -> None:
+    from orchestrator.core.evidence import self_contained
+
+    for yes in ("now remove the red star", "make the purple square green", "and the green one?",
+                "mask the largest shape"):
+        assert self_contained(yes), yes
+    for no in ("now remove it", "crop them", "thanks!", "do the same for this one", "make its colour blue",
+               "again please"):
+        assert not self_contained(no), no

@@ -91,3 +91,16 @@ def test_an_answer_must_say_what_the_edit_did() -> None:
     answer, problems = faithful_answer("Here is the mask; it covers 876 empty pixels.", [removed])
     assert problems and answer.startswith("Removed it: 876 masked pixels repainted as the background")
     assert not unsupported(answer, [removed])
+
+
+def test_an_answer_that_turns_the_request_down_after_the_calls_ran_is_replaced() -> None:
+    """"That is not an image task" after a segment call that masked the red star contradicts the call."""
+    calls = [done("segment", "1 mask: red star 333 px")]
+    for bad in ("That is not an image task, and I only work with images. I can use: crop, detect.",
+                "Sorry, I can't help with video: I have no expert for it."):
+        answer, problems = faithful_answer(bad, calls)
+        assert problems == ["turns the request down, but every call ran"]
+        assert answer == "1 mask: red star 333 px."
+    # a failed call may be turned down in words ("can't")
+    failed = [CallRecord(call_id="c1", expert="segment", status="failed", error="segment: no image")]
+    assert not any("turns the request down" in p for p in unsupported("Sorry, I can't help: segment failed.", failed))

@@ -216,3 +216,86 @@ def test_canonical_form_fixes_call_ids_and_separators(reg) -> None:
     free = CommandGrammar.from_registry(reg, {IMG: "image"}, canonical=True)
     assert free.complete(f'Sure. <call id="c1" expert="find" image="{IMG}" query="x"/>')
     assert not free.viable('<call id="c2"')
+
+
+class StepsArgs(BaseModel):
+    image: ImageRef
+    steps: int = Field(default=20, ge=1, le=200)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    offset: int = Field(default=0, gt=-10, lt=10)
+    count: int = 3  # unbounded
+
+
+def test_bounded_integers_only_take_values_in_range() -> None:
+    """A core once wrote steps="1239" for le=200: a digit is admitted only while an in-range integer
+    still starts with what is written, so every tag can be finished and none is out of range."""
+    r = Registry()
+    r.register(_expert("gen", StepsArgs, {"image": "{image}"}), "t")
+    g = CommandGrammar.from_registry(r, {IMG: "image"})
+    head = f'<call id="c1" expert="gen" image="{IMG}" '
+    for ok in ('steps="1"', 'steps="200"', 'steps="99"', 'seed="0"', 'seed="2147483647"', 'offset="-9"',
+               'offset="9"', 'count="123456789"', 'count="-4"'):
+        assert g.complete(head + ok + "/>"), ok
+    for bad in ('steps="1239"', 'steps="201"', 'steps="0"', 'steps="-1"', 'steps="300"', 'seed="-1"',
+                'seed="2147483648"', 'offset="-10"', 'offset="10"'):
+        assert not g.complete(head + bad + "/>"), bad
+    assert g.viable(head + 'steps="123') and not g.viable(head + 'steps="1239')  # refused at the digit
+    assert g.viable(head + 'steps="30') and not g.viable(head + 'steps="300')
+    assert not g.viable(head + 'steps="0') and not g.viable(head + 'steps="-')  # ge=1: no 0, no sign
+    text = CommandGrammar.from_registry(r, {IMG: "image"}, route=("gen",), canonical=True).gbnf()
+    assert 'v-integer-3 ::= ("0" | [1-9] ([0-9] [0-9]?)?)' in text  # steps: at most 3 digits, no sign
+    assert 'v-integer-signed-1 ::= "-"? ("0" | [1-9])' in text  # offset: -9..9
+    assert "v-integer ::=" in text  # count: unbounded
+
+
+def test_exactly_one_of_is_in_the_grammar() -> None:
+    """segment takes exactly one of boxes, points or target (``exactly_one`` in its schema): the automaton
+    and the GBNF refuse a call with two or none, so "boxes=… target=…" cannot be written, and every call
+    the grammar admits validates."""
+    from experts.segment import SegmentExpert
+
+    r = Registry()
+    r.register(SegmentExpert, "switchboard")
+    r.register(CropExpert, "switchboard")
+    box = "boxes-" + "d" * 24
+    g = CommandGrammar.from_registry(r, {IMG: "image", box: "boxes"}, canonical=True)
+    two = f'<call id="c1" expert="segment" image="{IMG}" boxes="{box}" target="the red star"/>'
+    none = f'<call id="c1" expert="segment" image="{IMG}" multimask="true"/>'
+    assert not g.viable(two) and not g.complete(none)
+    assert not g.complete(f'<call id="c1" expert="crop" image="{IMG}" region="[0,0,500,500]" boxes="{box}"/>')
+    for one in (f'boxes="{box}"', 'points="[[500,500]]"', 'target="the red star"'):
+        text = f'<call id="c1" expert="segment" image="{IMG}" {one}/>'
+        assert g.complete(text), text
+        assert not validate(parse(text), r, artifact_exists=lambda i: True).errors
+    # after one of them, only the other arguments are offered
+    s = g.start()
+    assert g.feed(s, f'<call id="c1" expert="segment" image="{IMG}" boxes="{box}" ')
+    assert not g.feed(s.copy(), "t") and not g.feed(s.copy(), "p") and g.feed(s.copy(), "m")
+    # with no boxes artifact and points withheld, target is the only way left
+    g2 = CommandGrammar.from_registry(r, {IMG: "image"}, canonical=True, withheld=frozenset({("segment", "points")}))
+    assert g2.complete(f'<call id="c1" expert="segment" image="{IMG}" target="x"/>')
+    assert not g2.viable(f'<call id="c1" expert="segment" image="{IMG}" points=')
+    # the GBNF says the same: one alternation where the first of them is declared
+    rule = next(line for line in g.gbnf().splitlines() if line.startswith("e") and "-segment-1 ::=" in line)
+    assert '(" boxes=' in rule and '| " points=' in rule and '| " target=' in rule
+    assert '(" target=\\"" (v-string) "\\"")?' not in rule
+
+
+def test_refs_only_arguments_take_only_this_replys_calls() -> None:
+    """``refs_only``: an earlier turn's boxes artifact is not offered (it may hold every object), the boxes
+    of a call earlier in the same reply are."""
+    from experts.detect import DetectExpert
+    from experts.segment import SegmentExpert
+
+    r = Registry()
+    r.register(SegmentExpert, "switchboard")
+    r.register(DetectExpert, "switchboard")
+    box = "boxes-" + "d" * 24
+    g = CommandGrammar.from_registry(r, {IMG: "image", box: "boxes"}, canonical=True,
+                                     refs_only=frozenset({("segment", "boxes")}))
+    assert not g.viable(f'<call id="c1" expert="segment" image="{IMG}" boxes="{box}"')
+    assert g.complete(f'<call id="c1" expert="segment" image="{IMG}" target="the red star"/>')
+    chain = (f'<call id="c1" expert="detect" image="{IMG}" query="red star"/>\n'
+             f'<call id="c2" expert="segment" image="{IMG}" boxes="$c1"/>')
+    assert g.complete(chain)
+    assert box not in next(line for line in g.gbnf().splitlines() if "-segment-1 ::=" in line)

@@ -187,6 +187,11 @@ def test_a_route_is_followed_then_follow_ups_are_the_cores(reg, store, tmp_path)
     # a follow-up without a new image is planned by the core alone (the router reads single requests)
     second = assistant.run("and again", conversation_id=first.conversation_id)
     assert second.route is None and len(router.asked) == 1
+    # ... unless it names its own object and points back at nothing: then it reads as a first request
+    third = assistant.run("now crop the red star", conversation_id=first.conversation_id)
+    assert third.route == ["crop"] and router.asked[-1] == ("now crop the red star", True)
+    fourth = assistant.run("now crop it", conversation_id=first.conversation_id)
+    assert fourth.route is None and len(router.asked) == 2
 
 
 def test_a_route_the_conversation_cannot_serve_is_not_imposed(reg, store, tmp_path) -> None:
