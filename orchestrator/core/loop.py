@@ -69,6 +69,12 @@ __all__ = ["Assistant", "CallEvent", "CallRecord", "ChatResult", "ContextLengthE
            "SamplingUnsupported", "StageEvent", "TextEvent", "TurnUsage"]
 
 
+#: the router's probability of "no expert" above which a follow-up that points back is answered without
+#: calls: "thanks!" 0.82, "what did you do?" 0.95, "ok" 0.92 — and "do it again" 0.77, "again please"
+#: 0.59, left to the core (shipped router-2)
+PLAIN_FOLLOW_UP = 0.8
+
+
 class ContextLengthExceeded(SwitchboardError):
     """A message that alone does not fit the core's prompt limit (OpenAI's ``context_length_exceeded``)."""
 
@@ -218,16 +224,21 @@ class Assistant:
         The router reads one request, so it is asked on a conversation's first turn, whenever a
         message brings an image (a new task), and for a follow-up that names its own object ("now remove
         the red star": ``evidence.self_contained``); follow-ups that point back ("now remove it") are left
-        to the core, which reads the whole conversation. A route the conversation cannot serve (an expert that needs an image when there
-        is none) is not imposed.
+        to the core, which reads the whole conversation — unless the router is sure they ask for no expert
+        at all ("thanks!", "what did you find?": ``PLAIN_FOLLOW_UP``), which the core, given calls, planned as
+        one. A route the conversation cannot serve (an expert that needs an image when there is none) is
+        not imposed.
         """
         if self.router is None:
             return None
         first_turn = not any(m["role"] == "assistant" for m in conv.messages)
-        if not (first_turn or images or self_contained(message)):
-            return None  # a follow-up that points back ("now remove it") is read against the conversation
         has_image = any(kind == "image" for kind in conv.artifacts.values())
-        route = self.router.route(message, has_image=has_image, registry=self.registry).experts
+        routed = self.router.route(message, has_image=has_image, registry=self.registry)
+        route = routed.experts
+        if not (first_turn or images or self_contained(message)):
+            # a follow-up that points back ("now remove it") is read against the conversation
+            plain = not route and routed.source == "head" and routed.score >= PLAIN_FOLLOW_UP
+            return () if plain else None
         if route:
             if not CommandGrammar.from_registry(self.registry, conv.artifacts, route=tuple(route)).serves_route():
                 return None

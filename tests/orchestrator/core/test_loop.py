@@ -186,12 +186,29 @@ def test_a_route_is_followed_then_follow_ups_are_the_cores(reg, store, tmp_path)
     assert first.calls[0].status == "done"
     # a follow-up without a new image is planned by the core alone (the router reads single requests)
     second = assistant.run("and again", conversation_id=first.conversation_id)
-    assert second.route is None and len(router.asked) == 1
+    assert second.route is None and [c.expert for c in second.calls] == ["crop"]
     # ... unless it names its own object and points back at nothing: then it reads as a first request
     third = assistant.run("now crop the red star", conversation_id=first.conversation_id)
     assert third.route == ["crop"] and router.asked[-1] == ("now crop the red star", True)
     fourth = assistant.run("now crop it", conversation_id=first.conversation_id)
-    assert fourth.route is None and len(router.asked) == 2
+    assert fourth.route is None
+
+
+def test_a_follow_up_the_router_is_sure_needs_no_expert_is_answered_plainly(reg, store, tmp_path) -> None:
+    """"thanks!" after a call: the core, free to call, planned another crop; the router says no expert."""
+    img = store.put_image(Image.new("RGB", (100, 60))).id
+    call = f'<call id="c1" expert="crop" image="{img}" region="[0,0,500,500]"/>'
+
+    def script(messages: list[dict]) -> str:  # a core that calls whenever it may
+        return call if messages[-1]["role"] == "user" else "Cropped."
+
+    router = FixedRouter(("crop",))
+    assistant = Assistant(ScriptedCore(script), reg, store, LocalDispatcher(reg, store),
+                          ConversationStore(tmp_path / "c"), router=router)
+    first = assistant.run("zoom into the corner", images=[img])
+    router.experts = ()
+    thanks = assistant.run("thanks!", conversation_id=first.conversation_id)
+    assert thanks.route == [] and thanks.calls == []
 
 
 def test_a_route_the_conversation_cannot_serve_is_not_imposed(reg, store, tmp_path) -> None:
