@@ -80,6 +80,7 @@ from switchboard.expert import (
     compose,
     exactly_one,
     map_on_threads,
+    only_with,
 )
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ if TYPE_CHECKING:
 
 # -- arguments and result ----------------------------------------------------------------------------
 class SegmentArgs(BaseModel):
-    model_config = ConfigDict(json_schema_extra=exactly_one("boxes", "points", "target"))
+    model_config = ConfigDict(json_schema_extra={**exactly_one("boxes", "points", "target"),
+                                                 **only_with("labels", "points")})
 
     image: ImageRef
     boxes: BoxesRef | None = Field(default=None, description="Segment each box another call (detect) found.")

@@ -38,6 +38,7 @@ from switchboard.expert import (
     RunContext,
     compose,
     exactly_one,
+    only_with,
 )
 from switchboard.registry import Registry, get_registry
 
@@ -57,4 +58,5 @@ __all__ = [
     "compose",
     "exactly_one",
     "get_registry",
+    "only_with",
 ]

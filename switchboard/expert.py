@@ -105,6 +105,19 @@ def exactly_one(*fields: str) -> dict[str, Any]:
     return {"oneOf": [{"required": [f]} for f in fields]}
 
 
+def only_with(field: str, *others: str) -> dict[str, Any]:
+    """JSON-schema ``dependentRequired``: ``field`` is given only together with ``others`` (segment's
+    ``labels`` go with ``points``). Merge it with ``exactly_one``'s dict in ``json_schema_extra``; the
+    command grammar then offers ``field`` only once ``others`` are written."""
+    return {"dependentRequired": {field: list(others)}}
+
+
+def dependent_fields(args_model: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """``only_with``'s declarations: field -> the fields it needs."""
+    deps = args_model.model_json_schema().get("dependentRequired") or {}
+    return {str(k): tuple(str(x) for x in v) for k, v in deps.items() if isinstance(v, list)}
+
+
 def exclusive_fields(args_model: type[BaseModel]) -> tuple[str, ...]:
     """The fields of which exactly one is given (``exactly_one``), in declaration order; () if none."""
     schema = args_model.model_json_schema()

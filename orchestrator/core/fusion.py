@@ -42,6 +42,7 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white
            "brown", "cyan", "magenta")
 SHAPES = ("circle", "square", "triangle", "hexagon", "star")
 COLOUR_SHAPE = re.compile(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})s?\b", re.I)
+SHAPE = re.compile(rf"\b({'|'.join(SHAPES)})s?\b", re.I)  # "the hexagon": a shape named without a colour
 NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
                 "eight": "8", "nine": "9", "ten": "10"}
 # "3 red circles", "two stars": a count of a kind of object, which must match a count the calls gave
@@ -151,6 +152,9 @@ def unsupported(answer: str, calls: Sequence[CallRecord]) -> list[str]:
     for colour, shape in COLOUR_SHAPE.findall(answer):
         if f"{colour.lower()} {shape.lower()}" not in evidence:
             problems.append(f"'{colour} {shape}' is not in the results")
+    for shape in {s.lower() for s in SHAPE.findall(answer)}:
+        if not re.search(rf"\b{shape}", evidence):
+            problems.append(f"'{shape}' is not in the results")
     for c in calls:
         action = _edit_action(c) if c.status == "done" else None
         if action is not None and not SAYS_ACTION[action].search(answer):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from switchboard.artifacts import accepted_kinds
-from switchboard.expert import artifact_fields, exclusive_fields
+from switchboard.expert import artifact_fields, dependent_fields, exclusive_fields
 
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -80,13 +80,16 @@ class ExpertSpec:
     #: arguments of which exactly one is given (``switchboard.expert.exactly_one``: segment's boxes,
     #: points or target); () when the schema declares none
     exclusive: tuple[str, ...] = ()
+    #: arguments given only together with others (``switchboard.expert.only_with``: labels with points)
+    requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def open_args(self, used: Iterable[str]) -> list[str]:
         """The arguments still free after ``used``: not written yet, and not the alternatives of an
         exclusive argument already written."""
         used = set(used)
         taken = bool(used & set(self.exclusive))
-        return [a for a in self.args if a not in used and not (taken and a in self.exclusive)]
+        return [a for a in self.args if a not in used and not (taken and a in self.exclusive)
+                and set(self.requires.get(a, ())) <= used]
 
     def closable(self, used: Iterable[str]) -> bool:
         """Whether a call with arguments ``used`` may end: every required one, and one exclusive one."""
@@ -171,7 +174,7 @@ def specs_from_registry(registry: Any) -> dict[str, ExpertSpec]:
                 kind, choices = _arg_kind(prop, defs)
                 lo, hi = _int_bounds(prop, defs) if kind == "integer" else (None, None)
                 args[arg] = ArgSpec(arg, arg in required, kind, None, choices, lo, hi)
-        out[name] = ExpertSpec(name, args, exclusive_fields(cls.Args))
+        out[name] = ExpertSpec(name, args, exclusive_fields(cls.Args), dependent_fields(cls.Args))
     return out
 
 
@@ -532,7 +535,7 @@ def gbnf(grammar: CommandGrammar) -> str:
 
     def call(expert: str, position: int) -> str | None:
         """``expert``'s arguments as the ``position``-th call (None: its required ones cannot be filled)."""
-        parts, one_of = [], []
+        parts, one_of, member = [], [], {}
         exp = grammar.experts[expert]
         for spec in exp.args.values():
             v = None if (expert, spec.name) in grammar.withheld else value(expert, spec, position)
@@ -545,7 +548,13 @@ def gbnf(grammar: CommandGrammar) -> str:
                 if not one_of:
                     parts.append("")
                     at = len(parts) - 1
+                member[spec.name] = len(one_of)
                 one_of.append(arg)
+                continue
+            needs = exp.requires.get(spec.name, ())
+            if len(needs) == 1 and needs[0] in exp.exclusive:  # labels: only in the points alternative
+                if needs[0] in member:
+                    one_of[member[needs[0]]] += f" ({arg})?"
                 continue
             parts.append(arg if spec.required else f"({arg})?")
         if exp.exclusive:

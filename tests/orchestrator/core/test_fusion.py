@@ -104,3 +104,10 @@ def test_an_answer_that_turns_the_request_down_after_the_calls_ran_is_replaced()
     # a failed call may be turned down in words ("can't")
     failed = [CallRecord(call_id="c1", expert="segment", status="failed", error="segment: no image")]
     assert not any("turns the request down" in p for p in unsupported("Sorry, I can't help: segment failed.", failed))
+
+
+def test_a_shape_named_without_a_colour_must_be_in_the_results() -> None:
+    """"Here is the mask of the hexagon" after segmenting five objects, none of them a hexagon."""
+    calls = [done("segment", "5 masks: orange square 2160 px, purple square 2109 px, green star 1567 px")]
+    assert unsupported("Here is the mask of the hexagon.", calls) == ["'hexagon' is not in the results"]
+    assert not unsupported("Here are the masks of the squares and the star.", calls)

@@ -267,6 +267,10 @@ def test_exactly_one_of_is_in_the_grammar() -> None:
         text = f'<call id="c1" expert="segment" image="{IMG}" {one}/>'
         assert g.complete(text), text
         assert not validate(parse(text), r, artifact_exists=lambda i: True).errors
+    # labels go with points (``only_with``): offered after points only, in the automaton and the GBNF
+    assert g.complete(f'<call id="c1" expert="segment" image="{IMG}" points="[[500,500]]" labels="[1]"/>')
+    assert not g.viable(f'<call id="c1" expert="segment" image="{IMG}" boxes="{box}" labels=')
+    assert not g.viable(f'<call id="c1" expert="segment" image="{IMG}" labels=')
     # after one of them, only the other arguments are offered
     s = g.start()
     assert g.feed(s, f'<call id="c1" expert="segment" image="{IMG}" boxes="{box}" ')
@@ -279,6 +283,7 @@ def test_exactly_one_of_is_in_the_grammar() -> None:
     rule = next(line for line in g.gbnf().splitlines() if line.startswith("e") and "-segment-1 ::=" in line)
     assert '(" boxes=' in rule and '| " points=' in rule and '| " target=' in rule
     assert '(" target=\\"" (v-string) "\\"")?' not in rule
+    assert '| " points=\\"" (v-json) "\\"" (" labels=' in rule  # labels only inside points' alternative
 
 
 def test_refs_only_arguments_take_only_this_replys_calls() -> None:
