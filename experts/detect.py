@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 from experts.colour import HUES, read_colour
 from experts.domain import SHAPES_WORLD_CLASSES, DomainCheck, check_image
 from experts.overlay import FONT, draw_boxes
-from experts.referring import LazyEncoder, ParsedQuery, QueryMatcher, QueryPart, pick_one, plural
+from experts.referring import LazyEncoder, ParsedQuery, QueryMatcher, QueryPart, box_iou, pick_one, plural
 from experts.referring import singular as singular  # re-exported: training.core imports it from here
 from switchboard.errors import SwitchboardError
 from switchboard.expert import (
@@ -142,16 +142,12 @@ SAME_PLACE_IOU = 0.7  # boxes overlapping this much lie over one place (ultralyt
 ASKED_READING_RATIO = 0.55
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
+def _matches(d: Detection, part: QueryPart) -> bool:
+    return (part.classes is None or d.cls in part.classes) and (part.colours is None or d.colour in part.colours)
 
 
 def _asked_for(d: Detection, parts: Sequence[QueryPart]) -> bool:
-    return any((p.classes is None or d.cls in p.classes) and (p.colours is None or d.colour in p.colours)
-               for p in parts)
+    return any(_matches(d, p) for p in parts)
 
 
 def one_per_place(dets: list[Detection], parts: Sequence[QueryPart]) -> list[Detection]:
@@ -165,7 +161,7 @@ def one_per_place(dets: list[Detection], parts: Sequence[QueryPart]) -> list[Det
     nothing.)"""
     kept: list[Detection] = []
     for d in sorted(dets, key=lambda d: -d.score):
-        k = next((i for i, o in enumerate(kept) if _box_iou(o.xyxy, d.xyxy) >= SAME_PLACE_IOU), None)
+        k = next((i for i, o in enumerate(kept) if box_iou(o.xyxy, d.xyxy) >= SAME_PLACE_IOU), None)
         if k is None:
             kept.append(d)
         elif (not _asked_for(kept[k], parts) and _asked_for(d, parts)
@@ -175,8 +171,7 @@ def one_per_place(dets: list[Detection], parts: Sequence[QueryPart]) -> list[Det
 
 
 def _select(dets: list[Detection], part: QueryPart) -> list[Detection]:
-    out = [d for d in dets if (part.classes is None or d.cls in part.classes)
-           and (part.colours is None or d.colour in part.colours)]
+    out = [d for d in dets if _matches(d, part)]
     if part.pick and out:
         # positions are the centres of the boxes, sizes their areas
         out = [pick_one(out, part.pick, centre=lambda d: ((d.xyxy[0] + d.xyxy[2]) / 2, (d.xyxy[1] + d.xyxy[3]) / 2),

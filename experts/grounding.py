@@ -12,13 +12,12 @@ targets on one image run the detector once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from experts.colour import read_colour
-from experts.referring import QueryMatcher, parse_target, pick_one
+from experts.referring import QueryMatcher, box_iou, parse_target, pick_one
 from experts.sam_runner import LRU, ImageEmbedding, SamRunner, mask_bbox
 from switchboard.errors import SwitchboardError, UnknownExpert
 from switchboard.expert import RunContext
@@ -161,14 +160,6 @@ def _box_class(box: dict[str, Any]) -> str:
     return str(box.get("shape") or (str(box.get("label", "")).split() or ["object"])[-1])
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _merge_duplicates(cands: list[dict[str, Any]], thresh: float = 0.7) -> list[dict[str, Any]]:
     """Detections of one object under different classes (boxes with IoU > ``thresh``; a detector's
     per-class NMS keeps both) become one candidate: the best-scored one's box and mask, with every
@@ -176,7 +167,7 @@ def _merge_duplicates(cands: list[dict[str, Any]], thresh: float = 0.7) -> list[
     out: list[dict[str, Any]] = []
     for c in sorted(cands, key=lambda c: -c["score"]):
         for o in out:
-            if _box_iou(o["box"], c["box"]) > thresh:
+            if box_iou(o["box"], c["box"]) > thresh:
                 for k, v in c["classes"].items():
                     o["classes"][k] = max(v, o["classes"].get(k, 0.0))
                 break

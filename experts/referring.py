@@ -256,6 +256,14 @@ def parse_target(text: str) -> QueryPart:
     return parse_query(text).parts[0]
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two xyxy boxes (0 when either is empty)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
 def pick_one(items: Sequence[T], pick: str, *, centre: Callable[[T], tuple[float, float]],
              area: Callable[[T], float]) -> T:
     """The item a pick names ("left": the smallest centre x, "largest": the largest area); the first

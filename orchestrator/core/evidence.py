@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from experts.referring import CLASS_SYNONYMS, COLOUR_WORDS
+from experts.referring import CLASS_SYNONYMS, COLOUR_WORDS, box_iou
 from orchestrator.commands import Call, format_call
 from orchestrator.events import CallRecord
 from switchboard.expert import artifact_fields
@@ -98,6 +98,11 @@ class ImageQuestion:
                                                                     else CONFIDENCE)}))
 
 
+def _plain(message: str) -> str:
+    """A message as the rules read it: lower case, straight apostrophes, single spaces."""
+    return " ".join(message.lower().replace("’", "'").split())
+
+
 def _object(text: str) -> str:
     what = _TAIL.sub("", _LEAD.sub("", " ".join(text.split()))).strip()
     return what
@@ -106,7 +111,7 @@ def _object(text: str) -> str:
 def image_question(message: str) -> ImageQuestion | None:
     """The image question ``message`` asks, or None when it asks something else (a command, text
     reading, where something is …)."""
-    text = " ".join(message.lower().replace("’", "'").split())
+    text = _plain(message)
     if not text or _NOT_OBJECTS.search(text):
         return None
     for kind, pattern in (("count", _COUNT), ("colour", _COLOUR), ("exists", _EXISTS)):
@@ -178,7 +183,7 @@ def names_an_object(message: str) -> bool:
     """Whether a request names an object by colour, class (or synonym) or a pick among objects, rather
     than only a place ("the red one", "the square at the top", "the largest shape": yes; "whatever is in
     the middle", "the thing at the top left": no)."""
-    return bool(_THING.search(" ".join(message.lower().replace("’", "'").split())))
+    return bool(_THING.search(_plain(message)))
 
 
 _REFERS_BACK = re.compile(r"\b(?:it|its|them|they|those|these|that one|this one|the same\b.*)\b")
@@ -189,7 +194,7 @@ def self_contained(message: str) -> bool:
     the red star", "make the purple square green": yes; "now remove it", "crop them": no). Such a
     request reads as a first request does, so the loop routes it (a request that points back is the
     core's to read against the conversation)."""
-    text = " ".join(message.lower().replace("’", "'").split())
+    text = _plain(message)
     return names_an_object(text) and not _REFERS_BACK.search(text)
 
 
@@ -220,7 +225,7 @@ def earlier_boxes_withheld(message: str, registry: Any) -> frozenset[tuple[str, 
     """The (expert, argument) pairs whose boxes may only come from this reply's own calls for
     ``message`` (see above): the boxes argument of every expert that also takes a text ``target``, when
     the request names one object (not "them", "the stars", "all of them"). Empty otherwise."""
-    text = " ".join(message.lower().replace("’", "'").split())
+    text = _plain(message)
     if registry is None or not names_an_object(text) or _MANY.search(text):
         return frozenset()
     out: set[tuple[str, str]] = set()
@@ -267,13 +272,6 @@ def _groups(labels: Sequence[str]) -> dict[str, list[int]]:
     return out
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
-
-
 def same_objects(result: dict[str, Any]) -> dict[int, list[int]]:
     """Detections that are one object read as two shapes: each kept detection's index -> the indices of
     lower-scored ones of the same colour over the same place (``SAME_OBJECT_IOU``). Detections come
@@ -283,7 +281,7 @@ def same_objects(result: dict[str, Any]) -> dict[int, list[int]]:
     kept: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         same = next((k for k in kept if i < len(boxes) and k < len(boxes) and labels[k][:-1] == lab[:-1]
-                     and _box_iou(boxes[k], boxes[i]) >= SAME_OBJECT_IOU), None)
+                     and box_iou(boxes[k], boxes[i]) >= SAME_OBJECT_IOU), None)
         if same is None:
             kept[i] = []
         else:
