@@ -8,17 +8,18 @@ its next step (at most a short window), runs the steps as one forward pass and h
 own last-token logits.
 
 Each turn keeps its own KV cache (a transformers ``DynamicCache``, so jump-forward's roll-back and the
-prefix cache work as before). A batched pass packs the rows into one sequence, without padding: the
-keys are every row's past followed by every row's new tokens (one chosen token, or a jump-forward
-insertion, or a whole prompt), a 4-D additive mask lets each new token see only its own row's past
-and, causally, its own row's new tokens, and explicit position ids give every token its own
-sequence's position; the logits kept are each row's last. Afterwards each row's new keys and values
-are appended to its own cache. Packing rather than padding matters on a CPU: a batch that mixes a
-prefill (~40 tokens) or a jump (~10) with one-token steps would otherwise pay for every row at the
-longest row's length. A step that runs alone is the plain unbatched call, so a single turn decodes
-exactly as without the batcher; batched rows see the same tokens at the same positions (only the
-floating-point order of the sums differs), and the greedy plans are the same
-(tests/orchestrator/core/test_batching.py).
+prefix cache work as before). A batched pass packs the rows' new tokens (one chosen token, a
+jump-forward insertion, or a whole prompt) into one sequence, without padding, with explicit position
+ids, so the linear layers (most of a pass) see all rows at once. Attention is taken row by row: each
+layer's new keys and values are split by row and appended to the row's own cache, and each row
+attends over its own keys with what its pass alone would use (the same attention function and
+mask); the logits kept are each row's last. With the linear layers packed for oneDNN (each output
+row computed independently of the others: ``orchestrator.core.packed``) a row's logits and cache are
+bit for bit those of its pass alone (tests/orchestrator/core/test_batching.py). Packing rather than
+padding matters on a CPU: a batch that mixes a prefill (~40 tokens) or a jump (~10) with one-token
+steps would otherwise pay for every row at the longest row's length; attending row by row rather than
+over the packed sequence with a block mask spares a batch of 16 prompts 16 times the attention scores
+it keeps, and the per-pass concatenation of every row's past.
 
 Batches run in lockstep: the serving thread waits (up to ``window_s``, 30 ms by default) until every
 turn that is decoding has its next step waiting. A turn's own work between two passes (grammar
@@ -26,13 +27,25 @@ checks, re-tokenising after a jump) takes a few milliseconds, far less than a pa
 stragglers costs little, while a pass started without them costs a whole extra pass for them alone
 (on a CPU a pass of a few rows costs about what a pass of one row costs: the weights are read once
 either way). A turn that finishes leaves its session, and a batch waiting for it runs at once.
+
+The serving thread is the core's one compute thread: every forward pass of the core runs on it,
+batched or alone (:meth:`StepBatcher.call`: ``CoreModel.run``), and so do loading the model and the
+router's encoder. Measured on the 2-core machine: a one-token pass of the shipped core took 44 ms on
+the only thread that had run the model, 70–75 ms on a second thread after the first had run passes
+(57 ms there with one torch thread); in the 16-turn benchmark, batched passes of two rows went from
+85–95 ms to 52–57 ms once the loading and every pass ran on this one thread. (Our reading: PyTorch's
+CPU kernels run on OpenMP, libgomp keeps a team of workers per thread that runs parallel kernels,
+and workers that share the cores with another team wait for wake-ups instead of spinning.) Threads
+that run torch kernels of their own afterwards (an expert's convolutions in-process) left the
+compute thread's passes as they were (48 ms before and after). The thread runs with the torch thread
+count of the thread that created the batcher.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +53,9 @@ from typing import Any
 #: how long the first step of a batch waits, at most, for the other decoding turns' steps (seconds)
 DEFAULT_WINDOW_S = 0.03
 DEFAULT_MAX_BATCH = 32
+#: while turns keep arriving (sessions opening less than this apart, the last less than this ago), a
+#: batch waits for them too (seconds)
+SETTLE_S = 0.01
 
 
 @dataclass
@@ -52,22 +68,38 @@ class _Step:
     error: BaseException | None = None
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
 class StepBatcher:
     """Runs the decoding steps of concurrent turns of one core as batched forward passes.
 
     A decoding turn wraps its loop in :meth:`session` (so the batcher knows how many steps to wait
     for) and calls :meth:`step` for each forward pass. A batch runs as soon as every open session has
-    a step waiting, or ``window_s`` after its first step arrived, whichever is first; at most
-    ``max_batch`` rows at once. One thread (started on first use) runs the passes.
+    a step waiting and no burst of turns is still arriving (:data:`SETTLE_S`), or ``window_s`` after
+    its first step arrived, whichever is first; at most
+    ``max_batch`` rows at once; ``window_s`` = 0: every step runs alone, at once. One thread (started
+    on first use, with the creating thread's torch thread count) runs the passes, and anything else
+    handed to :meth:`call`.
     """
 
     def __init__(self, core: Any, *, window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        import torch
+
         self.core = core
         self.window_s = window_s
         self.max_batch = max(1, max_batch)
+        self.threads = torch.get_num_threads()
         self._cond = threading.Condition()
         self._pending: list[_Step] = []
+        self._calls: list[_Call] = []
         self._active = 0
+        self._opened = (float("-inf"), float("-inf"))  # when the last two sessions opened (time.monotonic)
         self._thread: threading.Thread | None = None
         #: what ran: passes, rows (their sum), and the largest batch (benchmarks read it)
         self.stats = {"passes": 0, "rows": 0, "largest": 0}
@@ -77,6 +109,7 @@ class StepBatcher:
         """One turn's decoding: while open, a batch may wait (up to the window) for this turn's step."""
         with self._cond:
             self._active += 1
+            self._opened = (self._opened[1], time.monotonic())
         try:
             yield
         finally:
@@ -90,9 +123,7 @@ class StepBatcher:
         logits (vocabulary,) of the last token."""
         item = _Step(list(feed), kv, pixels)
         with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, name="core-step-batcher", daemon=True)
-                self._thread.start()
+            self._start()
             self._pending.append(item)
             self._cond.notify_all()
         item.done.wait()
@@ -100,19 +131,58 @@ class StepBatcher:
             raise item.error
         return item.logits
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on the compute thread (between batches); its result, or its exception raised here."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        item = _Call(fn)
+        with self._cond:
+            self._start()
+            self._calls.append(item)
+            self._cond.notify_all()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="core-compute", daemon=True)
+            self._thread.start()
+
     # -- the serving thread ---------------------------------------------------------------------
     def _serve(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._calls:
                     self._cond.wait()
-                deadline = time.monotonic() + self.window_s
-                while len(self._pending) < min(max(self._active, 1), self.max_batch):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                call = self._calls.pop(0) if self._calls else None
+                if call is None:
+                    deadline = time.monotonic() + self.window_s
+                    while not self._calls and len(self._pending) < self.max_batch:
+                        now = time.monotonic()
+                        # turns arriving in a burst (two sessions opened close together, the last just
+                        # now): their first passes (prompts) are worth one batch; a lone turn never waits
+                        before, last = self._opened
+                        settling = now - last < SETTLE_S and last - before < SETTLE_S
+                        if len(self._pending) >= max(self._active, 1) and not settling:
+                            break
+                        left = deadline - now
+                        if left <= 0:
+                            break
+                        self._cond.wait(min(left, SETTLE_S) if settling else left)
+                    size = self.max_batch if self.window_s > 0 else 1
+                    batch, self._pending = self._pending[:size], self._pending[size:]
+            if call is not None:
+                try:
+                    call.result = call.fn()
+                except BaseException as e:  # noqa: BLE001 - raised in the calling thread
+                    call.error = e
+                call.done.set()
+                continue
             try:
                 logits = run_batch(self.core, [(s.feed, s.kv, s.pixels) for s in batch])
                 for s, row in zip(batch, logits, strict=True):
@@ -144,44 +214,123 @@ def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
             _append(kv, out.cache, 0, len(feed))
         return [out.logits[0, -1]]
 
-    from transformers import DynamicCache
-
     dev = core.device
+    _use_rows_attention(core.model)
     feeds = [len(f) for f, _, _ in steps]
     pasts = [kv.get_seq_length() for _, kv, _ in steps]
-    n_past, n_new, b = sum(pasts), sum(feeds), len(steps)
-    # which row each key (every row's past, then every row's new tokens) and each query belongs to
-    rows = torch.arange(b, device=dev)
-    owner_q = rows.repeat_interleave(torch.tensor(feeds, device=dev))
-    owner_k = torch.cat([rows.repeat_interleave(torch.tensor(pasts, device=dev)), owner_q])
-    allowed = owner_q[:, None] == owner_k[None, :]
-    allowed[:, n_past:] &= torch.ones((n_new, n_new), dtype=torch.bool, device=dev).tril()  # causal
     ids = torch.tensor([[t for f, _, _ in steps for t in f]], device=dev)
     pos = torch.cat([torch.arange(p, p + f, device=dev) for p, f in zip(pasts, feeds, strict=True)])[None]
-    dtype = core.model.dtype
-    mask = torch.zeros((1, 1, n_new, n_past + n_new), dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
-    batch_kv = DynamicCache(config=core.model.config.get_text_config())
-    with_past = [kv for (_, kv, _), past in zip(steps, pasts, strict=True) if past]
-    for li in range(len(with_past[0].layers) if with_past else 0):
-        keys = torch.cat([kv.layers[li].keys for kv in with_past], dim=-2)
-        values = torch.cat([kv.layers[li].values for kv in with_past], dim=-2)
-        layer = batch_kv.layers[li]
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values  # (``update`` would copy them once more)
     last = torch.tensor(feeds, device=dev).cumsum(0) - 1  # each row's last new token
+    # a 4-D mask is taken as given (transformers builds none); the rows' attention does not read it
+    mask = torch.zeros((1, 1, sum(feeds), 1), dtype=core.model.dtype, device=dev)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-              "cache": batch_kv, "use_cache": True, "logits_to_keep": last}
+              "cache": _RowCaches([kv for _, kv, _ in steps], feeds, core.model.config.get_text_config()),
+              "use_cache": True, "logits_to_keep": last}
     pixels = [p for _, _, p in steps if p is not None]
     if pixels:
         kwargs["pixel_values"] = torch.cat(pixels)
     with torch.inference_mode():
         out = core.model(**kwargs)
-    start = n_past
-    for (_, kv, _), f in zip(steps, feeds, strict=True):
-        _append(kv, out.cache, 0, f, start=start)
-        start += f
-    return [out.logits[0, r] for r in range(b)]
+    return [out.logits[0, r] for r in range(len(steps))]
+
+
+class _Rows:
+    """Each row's keys (or values) of one layer, as the rows' caches hold them after this pass."""
+
+    def __init__(self, tensors: list[Any], feeds: list[int]) -> None:
+        self.tensors, self.feeds = tensors, feeds
+
+
+def _row_caches_class() -> type:
+    from transformers import DynamicCache
+
+    class RowCaches(DynamicCache):
+        """The cache a batched pass hands the model: each layer's new keys and values are split by row
+        and appended to the rows' own caches, and the attention gets every row's own keys and values."""
+
+        def __init__(self, rows: list[Any], feeds: list[int], config: Any) -> None:
+            super().__init__(config=config)
+            self.rows, self.feeds = rows, feeds
+
+        def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+            keys, values, start = [], [], 0
+            for kv, f in zip(self.rows, self.feeds, strict=True):
+                k, v = kv.update(key_states[:, :, start:start + f], value_states[:, :, start:start + f], layer_idx)
+                keys.append(k)
+                values.append(v)
+                start += f
+            return _Rows(keys, self.feeds), _Rows(values, self.feeds)
+
+    return RowCaches
+
+
+_ROW_CACHES: type | None = None
+
+
+def _RowCaches(rows: list[Any], feeds: list[int], config: Any) -> Any:  # noqa: N802 - builds the class once
+    global _ROW_CACHES
+    if _ROW_CACHES is None:
+        _ROW_CACHES = _row_caches_class()
+    return _ROW_CACHES(rows, feeds, config)
+
+
+#: the attention implementations wrapped so far: original name -> the wrapper's registered name
+_WRAPPED: dict[str, str] = {}
+
+
+def _use_rows_attention(model: Any) -> None:
+    """Let the language model's attention take a batched pass's rows (:class:`_Rows`) one row at a
+    time, each with its own past only, exactly as the row's pass alone would attend (same function,
+    same mask); anything else goes to the model's own attention implementation unchanged. Attending
+    row by row rather than over the packed sequence with a block mask costs each row only its own
+    keys: a batch of 16 prompts of ~35 tokens no longer computes 16 times the scores it keeps."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if getattr(model, "_switchboard_rows", False):
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if not hasattr(module, "layer_idx") or not hasattr(module, "is_causal") or config is None:
+            continue
+        original = config._attn_implementation or "eager"
+        if original in _WRAPPED.values():
+            continue
+        if original not in _WRAPPED:
+            _WRAPPED[original] = name = f"switchboard-rows-{original}"
+            AttentionInterface.register(name, _rows_attention(original))
+            if original in ALL_MASK_ATTENTION_FUNCTIONS:
+                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+        config._attn_implementation = _WRAPPED[original]
+    model._switchboard_rows = True
+
+
+def _rows_attention(original: str) -> Any:
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        if original == "eager":
+            from importlib import import_module
+
+            inner = import_module(type(module).__module__).eager_attention_forward
+        else:
+            inner = ALL_ATTENTION_FUNCTIONS[original]
+        if not isinstance(key, _Rows):
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        outs, start = [], 0
+        for k, v, f in zip(key.tensors, value.tensors, key.feeds, strict=True):
+            past = k.shape[-2] - f
+            # what the row's own pass gets: no mask for one token or a whole prompt (causal), else
+            # causal over its new tokens after all of its past
+            mask = None if f == 1 or past == 0 else \
+                torch.ones((f, past + f), dtype=torch.bool, device=query.device).tril(past)[None, None]
+            out, _ = inner(module, query[:, :, start:start + f], k, v, mask, **kwargs)
+            outs.append(out)
+            start += f
+        return torch.cat(outs, dim=1), None
+
+    return attend
 
 
 def _append(kv: Any, source: Any, row: int, count: int, *, start: int | None = None) -> None:

@@ -139,7 +139,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                                           "cache": kv, "use_cache": True, "logits_to_keep": 1}
                 if step_pixels is not None:
                     kwargs["pixel_values"] = step_pixels
-                out = core.model(**kwargs)
+                out = _forward(core, kwargs)
                 kv, logits = out.cache, out.logits[0, -1]
             passes += 1
             cached += len(feed)
@@ -160,6 +160,17 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     text = core.tokenizer.decode(reply, skip_special_tokens=True)
     return DecodeResult(text=text, finish_reason=finish, passes=passes, tokens=len(reply),
                         forced_tokens=forced_tokens, prompt_tokens=len(prompt))
+
+def _forward(core: Any, kwargs: dict[str, Any]) -> Any:
+    """One pass of its own, on the core's compute thread where it has one (``CoreModel.run``)."""
+    import torch
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return core.model(**kwargs)
+
+    return core.run(run) if hasattr(core, "run") else run()
+
 
 def _may_merge(core: Any, grammar: Any, ids: list[int], texts: list[str]) -> bool:
     """Whether a longer token that starts with the last token's text could follow the rest: some

@@ -24,6 +24,7 @@ is viable, so the cost there is one check per step.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -159,23 +160,26 @@ def int_prefix_ok(prefix: str, lo: int | None, hi: int | None) -> bool:
 
 def specs_from_registry(registry: Any) -> dict[str, ExpertSpec]:
     """The grammar's view of the registry: each expert's arguments and how their values look."""
-    out = {}
-    for name in registry.names():
-        cls = registry.get_class(name)
-        schema = cls.Args.model_json_schema()
-        props, defs = schema.get("properties", {}), schema.get("$defs", {})
-        required = set(schema.get("required", []))
-        arts = artifact_fields(cls.Args)
-        args = {}
-        for arg, prop in props.items():
-            if arg in arts:
-                args[arg] = ArgSpec(arg, arg in required, "artifact", arts[arg])
-            else:
-                kind, choices = _arg_kind(prop, defs)
-                lo, hi = _int_bounds(prop, defs) if kind == "integer" else (None, None)
-                args[arg] = ArgSpec(arg, arg in required, kind, None, choices, lo, hi)
-        out[name] = ExpertSpec(name, args, exclusive_fields(cls.Args), dependent_fields(cls.Args))
-    return out
+    return {name: _expert_spec(name, registry.get_class(name).Args) for name in registry.names()}
+
+
+@functools.cache
+def _expert_spec(name: str, args_model: type) -> ExpertSpec:
+    """One expert's spec, read from its ``Args`` JSON schema once (pydantic builds a schema in ~1 ms, and
+    every turn builds its grammar from the whole registry). Specs are shared: not to be changed."""
+    schema = args_model.model_json_schema()
+    props, defs = schema.get("properties", {}), schema.get("$defs", {})
+    required = set(schema.get("required", []))
+    arts = artifact_fields(args_model)
+    args = {}
+    for arg, prop in props.items():
+        if arg in arts:
+            args[arg] = ArgSpec(arg, arg in required, "artifact", arts[arg])
+        else:
+            kind, choices = _arg_kind(prop, defs)
+            lo, hi = _int_bounds(prop, defs) if kind == "integer" else (None, None)
+            args[arg] = ArgSpec(arg, arg in required, kind, None, choices, lo, hi)
+    return ExpertSpec(name, args, exclusive_fields(args_model), dependent_fields(args_model))
 
 
 # Automaton states

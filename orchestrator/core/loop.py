@@ -233,7 +233,15 @@ class Assistant:
             return None
         first_turn = not any(m["role"] == "assistant" for m in conv.messages)
         has_image = any(kind == "image" for kind in conv.artifacts.values())
-        routed = self.router.route(message, has_image=has_image, registry=self.registry)
+        router = self.router
+
+        def ask() -> Any:
+            return router.route(message, has_image=has_image, registry=self.registry)
+
+        # the router's encoder runs on the core's compute thread where it has one, as the core's passes
+        # do: the core's torch work stays on one thread (orchestrator.core.batching says why)
+        run = getattr(self.core, "run", None)
+        routed = run(ask) if run is not None else ask()
         route = routed.experts
         if not (first_turn or images or self_contained(message)):
             # a follow-up that points back ("now remove it") is read against the conversation

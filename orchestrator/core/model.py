@@ -281,9 +281,18 @@ class CoreModel:
 
     def enable_batching(self, window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH) -> CoreModel:
         """Let concurrent :meth:`decode` calls (turns on several threads) run their forward passes as one
-        batch (:class:`~orchestrator.core.batching.StepBatcher`); ``window_s`` = 0 turns it off."""
-        self.batcher = StepBatcher(self, window_s=window_s, max_batch=max_batch) if window_s > 0 else None
+        batch (:class:`~orchestrator.core.batching.StepBatcher`); ``window_s`` = 0 turns batching off
+        (each pass runs alone, still on the core's compute thread)."""
+        if self.batcher is None:
+            self.batcher = StepBatcher(self, window_s=window_s, max_batch=max_batch)
+        else:  # keep the compute thread (see orchestrator.core.batching)
+            self.batcher.window_s, self.batcher.max_batch = window_s, max(1, max_batch)
         return self
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the core's compute thread (the batcher's; the caller's where there is none): the
+        one thread that runs the core's forward passes, so that OpenMP keeps its workers spinning."""
+        return self.batcher.call(fn) if self.batcher is not None else fn()
 
     # -- loading --------------------------------------------------------------------------------
     @property
@@ -292,9 +301,12 @@ class CoreModel:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str | None = None, merge: bool = True,
-             cache_dir: Path | None = None) -> CoreModel:
+             cache_dir: Path | None = None, pack: bool | None = None) -> CoreModel:
         """Load a core (see the class doc). ``merge`` folds the LoRA adapter into the weights (inference);
-        ``cache_dir`` holds the converted base model (default: ``Settings.cache_dir``)."""
+        ``cache_dir`` holds the converted base model (default: ``Settings.cache_dir``). ``pack`` (default:
+        on a CPU, when merged) reorders the linear layers' weights once for oneDNN
+        (``orchestrator.core.packed``): faster passes of a few rows, so batched turns share them well;
+        the model is then for inference only."""
         _offline()
         import torch
 
@@ -303,13 +315,23 @@ class CoreModel:
             raise FileNotFoundError(f"no core model at {path} (train one with `switchboard train core`, or set "
                                     "SWITCHBOARD_CORE_MODEL to a LLaVA-family checkpoint directory)")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if (path / "core.json").exists():
-            core = cls._load_parts(path, merge=merge, cache_dir=cache_dir)
-        else:
-            core = cls._load_llava(path)
-        core.model.to(dev)
-        core.model.eval()
-        return core.enable_batching()
+
+        def build() -> CoreModel:
+            core = cls._load_parts(path, merge=merge, cache_dir=cache_dir) if (path / "core.json").exists() \
+                else cls._load_llava(path)
+            core.model.to(dev)
+            core.model.eval()
+            if pack if pack is not None else (merge and dev.type == "cpu"):
+                from orchestrator.core.packed import pack_linears
+
+                core.info["packed_linears"] = pack_linears(core.model)
+            return core
+
+        # built on the compute thread that will run its passes: the loading thread starts no OpenMP team
+        batcher = StepBatcher(None)
+        core = batcher.call(build)
+        batcher.core, core.batcher = core, batcher
+        return core
 
     @classmethod
     def _load_parts(cls, path: Path, *, merge: bool, cache_dir: Path | None = None) -> CoreModel:
@@ -497,11 +519,14 @@ class CoreModel:
             extra["return_dict_in_generate"] = True
             if reused:
                 extra["cache"] = prefix_cache.kv  # generate prefills only the tokens after it
-        with torch.inference_mode():
-            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                      logits_processor=procs, streamer=streamer, eos_token_id=self.end_id,
-                                      pad_token_id=self.tokenizer.pad_token_id, num_beams=1,
-                                      temperature=None, top_p=None, top_k=None, **extra)
+        def run() -> Any:
+            with torch.inference_mode():
+                return self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                           logits_processor=procs, streamer=streamer, eos_token_id=self.end_id,
+                                           pad_token_id=self.tokenizer.pad_token_id, num_beams=1,
+                                           temperature=None, top_p=None, top_k=None, **extra)
+
+        out = self.run(run)
         sequences = out.sequences if prefix_cache is not None else out
         if prefix_cache is not None:
             prefix_cache.keep(sequences[0].tolist(), image_ids, getattr(out, "cache", None),

@@ -193,6 +193,8 @@ def test_shipped_core_plans_are_the_same_batched_and_alone() -> None:
 
     core = cm.CoreModel.load(device="cpu")
     assert core.batcher is not None
+    ran_on: list[str] = []
+    core.model.register_forward_pre_hook(lambda *_: ran_on.append(threading.current_thread().name))
     registry = data_registry()
     samples = [s for s in Generator(split="heldout", seed=10_003, n_scenes=16).generate(8) if s.kind != "fusion"][:4]
     images = _Images()
@@ -216,4 +218,102 @@ def test_shipped_core_plans_are_the_same_batched_and_alone() -> None:
     for t in threads:
         t.join(timeout=300)
     assert got == alone
+    assert set(ran_on) == {"core-compute"}  # alone (batched=False) too
     assert core.batcher.stats["rows"] - before["rows"] > core.batcher.stats["passes"] - before["passes"]  # shared
+
+
+def test_packed_rows_give_each_turn_exactly_its_pass_alone() -> None:
+    """With the linear layers packed (as a loaded core has them) and attention taken row by row, a
+    batched pass gives every row the very bits its pass alone gives: prefill with an image, a jump
+    after a past, one chosen token."""
+    from orchestrator.core import packed
+    from training.shapes import make_scene
+
+    if not packed.available():
+        pytest.skip("no oneDNN packed linear in this PyTorch build")
+    core = tiny_core()
+    packed.pack_linears(core.model)
+    scene = make_scene(5, size=64).image
+    image = core.pixel_values([scene])
+    prompt = core.encode([{"role": "user", "content": "find the blue square", "images": ["img1"]}],
+                         {"img1": scene})["input_ids"]
+    pasts = [[], _ids(core, "one two three"), _ids(core, "a b")]
+    feeds = [prompt, _ids(core, ' <call id="c1" expert="'), [11]]
+    runs = []
+    for batched in (False, True):
+        kvs = [_cache(core) for _ in feeds]
+        for kv, past in zip(kvs, pasts, strict=True):
+            if past:
+                run_batch(core, [(past, kv, None)])
+        steps = [(f, kv, image if k == 0 else None) for k, (f, kv) in enumerate(zip(feeds, kvs, strict=True))]
+        first = run_batch(core, steps) if batched else [run_batch(core, [s])[0] for s in steps]
+        then = run_batch(core, [([7], kv, None) for kv in kvs]) if batched else \
+            [run_batch(core, [([7], kv, None)])[0] for kv in kvs]
+        runs.append((first + then, kvs))
+    (alone, alone_kv), (batch, batch_kv) = runs
+    for a, b in zip(alone, batch, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+    for a, b in zip(alone_kv, batch_kv, strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+def _on_threads(fn, n: int) -> None:
+    threads = [threading.Thread(target=fn) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def test_every_pass_runs_on_the_cores_compute_thread() -> None:
+    """Passes alone, batched and through ``generate`` all run on the one compute thread (a thread that
+    runs a parallel kernel starts an OpenMP team, and two teams slow each other's passes); with
+    batching off (window 0) the thread stays and every step runs alone."""
+    core = tiny_core().enable_batching()
+    seen: list[str] = []
+    core.model.register_forward_pre_hook(lambda *_: seen.append(threading.current_thread().name))
+    msgs = [{"role": "user", "content": "hello there"}]
+    from orchestrator.core.grammar import CommandGrammar
+    from training.core_data import data_registry
+
+    grammar = CommandGrammar.from_registry(data_registry(), {}, canonical=True)
+    core.decode(msgs, grammar=grammar, max_new_tokens=4, batched=False)
+    _on_threads(lambda: core.decode(msgs, grammar=grammar, max_new_tokens=4), 3)
+    core.generate(msgs, max_new_tokens=3)
+    assert seen and set(seen) == {"core-compute"}
+    core.enable_batching(0)
+    before = dict(core.batcher.stats)
+    _on_threads(lambda: core.decode(msgs, grammar=grammar, max_new_tokens=4), 3)
+    assert core.batcher.stats["rows"] - before["rows"] == core.batcher.stats["passes"] - before["passes"] > 0
+    assert set(seen) == {"core-compute"}
+
+
+def test_turns_arriving_in_a_burst_share_their_first_pass(tiny, monkeypatch) -> None:
+    """Turns that open one after another (a burst of requests) put their prompts in one pass, though
+    the first ones step before the last have opened; a lone turn does not wait for anyone."""
+    import time
+
+    from orchestrator.core import batching
+
+    monkeypatch.setattr(batching, "SETTLE_S", 1.0)  # generous: the test machine may be loaded
+    core = tiny
+    batcher = StepBatcher(core, window_s=10.0)
+    t0 = time.monotonic()
+    with batcher.session():
+        batcher.step(_ids(core, "a lone turn"), _cache(core))
+    assert time.monotonic() - t0 < 5.0  # not held back by SETTLE_S or the window
+    before = dict(batcher.stats)
+
+    def turn(k: int) -> None:
+        time.sleep(0.1 * k)  # opened 100 ms apart: each steps at once, before the next has opened
+        with batcher.session():
+            batcher.step(_ids(core, f"turn number {k}"), _cache(core))
+
+    threads = [threading.Thread(target=turn, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert batcher.stats["passes"] - before["passes"] == 1
+    assert batcher.stats["rows"] - before["rows"] == 4
