@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ DEFAULT_MAX_BATCH = 32
 #: while turns keep arriving (sessions opening less than this apart, the last less than this ago), a
 #: batch waits for them too (seconds)
 SETTLE_S = 0.01
+#: an idle compute thread looks this often whether its batcher (and core) is still in use (seconds)
+IDLE_CHECK_S = 1.0
 
 
 @dataclass
@@ -147,54 +150,81 @@ class StepBatcher:
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._serve, name="core-compute", daemon=True)
+            # the thread holds the batcher only weakly between units of work: a core that is no longer
+            # used (and its model) can be freed, and the thread then ends
+            self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._cond),
+                                            name="core-compute", daemon=True)
             self._thread.start()
 
     # -- the serving thread ---------------------------------------------------------------------
-    def _serve(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.threads)
-        while True:
-            with self._cond:
-                while not self._pending and not self._calls:
-                    self._cond.wait()
-                call = self._calls.pop(0) if self._calls else None
-                if call is None:
-                    deadline = time.monotonic() + self.window_s
-                    while not self._calls and len(self._pending) < self.max_batch:
-                        now = time.monotonic()
-                        # turns arriving in a burst (two sessions opened close together, the last just
-                        # now): their first passes (prompts) are worth one batch; a lone turn never waits
-                        before, last = self._opened
-                        settling = now - last < SETTLE_S and last - before < SETTLE_S
-                        if len(self._pending) >= max(self._active, 1) and not settling:
-                            break
-                        left = deadline - now
-                        if left <= 0:
-                            break
-                        self._cond.wait(min(left, SETTLE_S) if settling else left)
-                    size = self.max_batch if self.window_s > 0 else 1
-                    batch, self._pending = self._pending[:size], self._pending[size:]
-            if call is not None:
-                try:
-                    call.result = call.fn()
-                except BaseException as e:  # noqa: BLE001 - raised in the calling thread
-                    call.error = e
-                call.done.set()
-                continue
+    def _serve_once(self) -> None:
+        """Run one unit of work (a call, or a batch of steps); return at once if there is none."""
+        with self._cond:
+            if not self._pending and not self._calls:
+                return
+            call = self._calls.pop(0) if self._calls else None
+            if call is None:
+                deadline = time.monotonic() + self.window_s
+                while not self._calls and len(self._pending) < self.max_batch:
+                    now = time.monotonic()
+                    # turns arriving in a burst (two sessions opened close together, the last just
+                    # now): their first passes (prompts) are worth one batch; a lone turn never waits
+                    before, last = self._opened
+                    settling = now - last < SETTLE_S and last - before < SETTLE_S
+                    if len(self._pending) >= max(self._active, 1) and not settling:
+                        break
+                    left = deadline - now
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(left, SETTLE_S) if settling else left)
+                size = self.max_batch if self.window_s > 0 else 1
+                batch, self._pending = self._pending[:size], self._pending[size:]
+        if call is not None:
             try:
-                logits = run_batch(self.core, [(s.feed, s.kv, s.pixels) for s in batch])
-                for s, row in zip(batch, logits, strict=True):
-                    s.logits = row
-            except BaseException as e:  # noqa: BLE001 - handed to every waiting turn
-                for s in batch:
-                    s.error = e
-            self.stats["passes"] += 1
-            self.stats["rows"] += len(batch)
-            self.stats["largest"] = max(self.stats["largest"], len(batch))
+                call.result = call.fn()
+            except BaseException as e:  # noqa: BLE001 - raised in the calling thread
+                call.error = e
+            call.done.set()
+            return
+        try:
+            logits = run_batch(self.core, [(s.feed, s.kv, s.pixels) for s in batch])
+            for s, row in zip(batch, logits, strict=True):
+                s.logits = row
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting turn
             for s in batch:
-                s.done.set()
+                s.error = e
+        self.stats["passes"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["largest"] = max(self.stats["largest"], len(batch))
+        for s in batch:
+            s.done.set()
+
+
+def _serve(ref: weakref.ReferenceType[StepBatcher], cond: threading.Condition) -> None:
+    """The compute thread: one unit of work at a time while its batcher is alive. It waits for work
+    without holding the batcher, so that an unused core can be collected and the thread end."""
+    import torch
+
+    batcher = ref()
+    if batcher is None:
+        return
+    torch.set_num_threads(batcher.threads)
+    del batcher
+    while True:
+        with cond:
+            batcher = ref()
+            if batcher is None:
+                return
+            idle = not batcher._pending and not batcher._calls
+            del batcher
+            if idle:
+                cond.wait(IDLE_CHECK_S)
+                continue
+        batcher = ref()
+        if batcher is None:
+            return
+        batcher._serve_once()
+        del batcher
 
 
 def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:

@@ -317,3 +317,23 @@ def test_turns_arriving_in_a_burst_share_their_first_pass(tiny, monkeypatch) -> 
         t.join(timeout=60)
     assert batcher.stats["passes"] - before["passes"] == 1
     assert batcher.stats["rows"] - before["rows"] == 4
+
+
+def test_a_core_no_longer_used_is_freed_with_its_compute_thread(monkeypatch) -> None:
+    import gc
+    import time
+    import weakref
+
+    from orchestrator.core import batching
+
+    monkeypatch.setattr(batching, "IDLE_CHECK_S", 0.05)
+    core = tiny_core().enable_batching()
+    name = core.run(lambda: threading.current_thread().name)  # (no assert on an expression holding core)
+    assert name == "core-compute"
+    thread, model = core.batcher._thread, weakref.ref(core.model)
+    del core
+    deadline = time.monotonic() + 30
+    while (thread.is_alive() or model() is not None) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not thread.is_alive() and model() is None
