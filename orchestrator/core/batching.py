@@ -283,12 +283,12 @@ def _row_caches_class() -> type:
             self.rows, self.feeds = rows, feeds
 
         def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
-            keys, values, start = [], [], 0
-            for kv, f in zip(self.rows, self.feeds, strict=True):
-                k, v = kv.update(key_states[:, :, start:start + f], value_states[:, :, start:start + f], layer_idx)
+            keys, values = [], []
+            for kv, k_new, v_new in zip(self.rows, key_states.split(self.feeds, dim=2),
+                                        value_states.split(self.feeds, dim=2), strict=True):
+                k, v = kv.update(k_new, v_new, layer_idx)
                 keys.append(k)
                 values.append(v)
-                start += f
             return _Rows(keys, self.feeds), _Rows(values, self.feeds)
 
     return RowCaches
@@ -348,16 +348,15 @@ def _rows_attention(original: str) -> Any:
             inner = ALL_ATTENTION_FUNCTIONS[original]
         if not isinstance(key, _Rows):
             return inner(module, query, key, value, attention_mask, **kwargs)
-        outs, start = [], 0
-        for k, v, f in zip(key.tensors, value.tensors, key.feeds, strict=True):
+        outs = []
+        for q, k, v, f in zip(query.split(key.feeds, dim=2), key.tensors, value.tensors, key.feeds, strict=True):
             past = k.shape[-2] - f
             # what the row's own pass gets: no mask for one token or a whole prompt (causal), else
             # causal over its new tokens after all of its past
             mask = None if f == 1 or past == 0 else \
                 torch.ones((f, past + f), dtype=torch.bool, device=query.device).tril(past)[None, None]
-            out, _ = inner(module, query[:, :, start:start + f], k, v, mask, **kwargs)
+            out, _ = inner(module, q, k, v, mask, **kwargs)
             outs.append(out)
-            start += f
         return torch.cat(outs, dim=1), None
 
     return attend
