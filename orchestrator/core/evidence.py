@@ -62,6 +62,10 @@ _NOT_OBJECTS = re.compile(
     r"signs?|labels?|depth|where|segment\w*|masks?|crop\w*|remove|erase|delete|draw|drawing|generate|paint|"
     r"make|replace|edit|turn|change|recolou?r\w*|box(?:es)?|outline|highlight|find|locate|detect|zoom|"
     r"cut|enlarge)\b")
+# how long the answer should be ("in a few words", "in one sentence", "briefly"): not what is asked
+_LENGTH = re.compile(
+    r"\b(?:in|with|using)\s+(?:just\s+|only\s+)?(?:a few|a couple of|few|one|two|three|four|five|ten|\d+|"
+    r"a single|a short|a brief|a)\s+(?:words?|sentences?|lines?)\b|\bbriefly\b")
 _COUNT = re.compile(r"\b(?:how many|number of|count(?: up)?(?: all)?(?: the)?)\s+(?P<what>[^?.!,;]*)")
 _COLOUR = re.compile(r"\b(?:what|which) colou?rs? (?:is|are|does|do)?\s*(?P<what>[^?.!,;]*)")
 _EXISTS = re.compile(
@@ -111,7 +115,7 @@ def _object(text: str) -> str:
 def image_question(message: str) -> ImageQuestion | None:
     """The image question ``message`` asks, or None when it asks something else (a command, text
     reading, where something is …)."""
-    text = _plain(message)
+    text = " ".join(_LENGTH.sub(" ", _plain(message)).split())
     if not text or _NOT_OBJECTS.search(text):
         return None
     for kind, pattern in (("count", _COUNT), ("colour", _COLOUR), ("exists", _EXISTS)):

@@ -51,6 +51,10 @@ from training.shapes import make_scene
     ("are there any red circles in the image?", "exists", "red circles"),
     ("do you see a hexagon?", "exists", "hexagon"),
     ("what colour is the star?", "colour", "star"),
+    # how long the answer should be is not what is asked ("words" alone would read as a reading request)
+    ("Describe this picture in a few words", "describe", "everything"),
+    ("what is in this image? answer in one sentence", "describe", "everything"),
+    ("briefly, how many stars are there?", "count", "stars"),
 ])
 def test_image_questions_and_the_query_that_answers_them(message: str, kind: str, query: str) -> None:
     q = image_question(message)
@@ -61,6 +65,7 @@ def test_image_questions_and_the_query_that_answers_them(message: str, kind: str
     "find the red circle", "where is the red circle?", "now segment it", "now remove it", "make the red circle blue",
     "what does the sign say", "read the text in this picture", "what text is in the image?", "hello",
     "draw a red circle", "segment the star", "crop the top left", "what is the weather like?",
+    "read the words in the image", "what words are written on it? answer in a few words",
 ])
 def test_commands_and_other_questions_are_not_image_questions(message: str) -> None:
     assert image_question(message) is None

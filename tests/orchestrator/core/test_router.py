@@ -131,7 +131,7 @@ def test_plugin_takes_image_questions_only_of_a_kind_its_examples_ask(router):
     from training.router import builtin_registry
 
     questions = ["What's in this image?", "What colours do you see in this image?", "what is in this picture?",
-                 "how many circles are there?"]
+                 "how many circles are there?", "Describe this picture in a few words"]
     base = builtin_registry()
     before = router.route_batch(questions, [True] * len(questions), base)
     reading = builtin_registry()
