@@ -43,6 +43,7 @@ count of the thread that created the batcher.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -124,29 +125,24 @@ class StepBatcher:
         """One forward pass of ``feed`` (token ids) after the tokens ``kv`` holds (``pixels``: the image
         features' input for the image tokens in ``feed``). ``kv`` is extended in place; returns the
         logits (vocabulary,) of the last token."""
-        item = _Step(list(feed), kv, pixels)
-        with self._cond:
-            self._start()
-            self._pending.append(item)
-            self._cond.notify_all()
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.logits
+        return self._submit(self._pending, _Step(list(feed), kv, pixels)).logits
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` run on the compute thread (between batches); its result, or its exception raised here."""
         if threading.current_thread() is self._thread:
             return fn()
-        item = _Call(fn)
+        return self._submit(self._calls, _Call(fn)).result
+
+    def _submit(self, queue: list[Any], item: Any) -> Any:
+        """Queue ``item`` (a step or a call) for the compute thread and wait until it has run."""
         with self._cond:
             self._start()
-            self._calls.append(item)
+            queue.append(item)
             self._cond.notify_all()
         item.done.wait()
         if item.error is not None:
             raise item.error
-        return item.result
+        return item
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -241,7 +237,7 @@ def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
         with torch.inference_mode():
             out = core.model(**kwargs)
         if out.cache is not kv:  # a cache the model made (none was passed in)
-            _append(kv, out.cache, 0, len(feed))
+            _append(kv, out.cache, len(feed))
         return [out.logits[0, -1]]
 
     dev = core.device
@@ -254,7 +250,7 @@ def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
     # a 4-D mask is taken as given (transformers builds none); the rows' attention does not read it
     mask = torch.zeros((1, 1, sum(feeds), 1), dtype=core.model.dtype, device=dev)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-              "cache": _RowCaches([kv for _, kv, _ in steps], feeds, core.model.config.get_text_config()),
+              "cache": _row_caches_class()([kv for _, kv, _ in steps], feeds, core.model.config.get_text_config()),
               "use_cache": True, "logits_to_keep": last}
     pixels = [p for _, _, p in steps if p is not None]
     if pixels:
@@ -271,7 +267,9 @@ class _Rows:
         self.tensors, self.feeds = tensors, feeds
 
 
+@functools.cache
 def _row_caches_class() -> type:
+    """The class, built on first use (transformers is imported only then)."""
     from transformers import DynamicCache
 
     class RowCaches(DynamicCache):
@@ -292,16 +290,6 @@ def _row_caches_class() -> type:
             return _Rows(keys, self.feeds), _Rows(values, self.feeds)
 
     return RowCaches
-
-
-_ROW_CACHES: type | None = None
-
-
-def _RowCaches(rows: list[Any], feeds: list[int], config: Any) -> Any:  # noqa: N802 - builds the class once
-    global _ROW_CACHES
-    if _ROW_CACHES is None:
-        _ROW_CACHES = _row_caches_class()
-    return _ROW_CACHES(rows, feeds, config)
 
 
 #: the attention implementations wrapped so far: original name -> the wrapper's registered name
@@ -362,9 +350,8 @@ def _rows_attention(original: str) -> Any:
     return attend
 
 
-def _append(kv: Any, source: Any, row: int, count: int, *, start: int | None = None) -> None:
-    """Append row ``row``'s last ``count`` positions (from ``start``) of every layer of ``source`` to ``kv``."""
+def _append(kv: Any, source: Any, count: int) -> None:
+    """Append the last ``count`` positions of every layer of ``source`` to ``kv``."""
     for li, layer in enumerate(source.layers):
         k, v = layer.keys, layer.values
-        s = k.shape[-2] - count if start is None else start
-        kv.update(k[row:row + 1, :, s:s + count], v[row:row + 1, :, s:s + count], li)  # update copies (cat)
+        kv.update(k[:, :, -count:], v[:, :, -count:], li)  # update copies (cat)
