@@ -12,7 +12,8 @@ both paths, side by side in one run, alternating which goes first:
   24-hex-digit artifact ids, one forward pass per reply token;
 - new: what the loop does now: short handles (``img1`` …, ``orchestrator.core.handles``; ``--ids``
   keeps the ids) and ``CoreModel.decode`` with jump-forward over the canonical grammar (call ids c1,
-  c2 …), one pass per token the model chooses.
+  c2 …) and prompt lookup (an argument copied from the request is drafted and checked in one pass;
+  ``--no-draft`` turns it off), one pass per token the model chooses that no draft foresaw.
 
 With ``--repeat R`` each request is timed R times per path (alternating) and the fastest kept (robust
 to other jobs on a shared machine; the load average is printed with the figures, and the CPU seconds
@@ -20,8 +21,8 @@ the process spent, ``*_cpu_*``, which other jobs' load disturbs much less than w
 Printed: ``plan_p50_speedup`` (one-call requests), ``forward_pass_ratio`` (passes per one-call plan,
 old / new), prompt tokens and the prefill's p50 with ids vs handles, routing metrics of both paths
 (``routing_delta``: the largest difference), ``jump_forward_identical`` (the share of plans unchanged
-by jump-forward, against token-by-token decoding by the same loop, model, prompt and grammar,
-greedy), and ``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on
+by jump-forward and prompt lookup, against token-by-token decoding by the same loop, model, prompt and
+grammar, greedy), ``draft_accepted`` (the share of drafted tokens the model chose), and ``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on
 threads, their forward passes batched (``orchestrator.core.batching``), vs the same turns one at a
 time (both run their passes on the core's compute thread, as a server does;
 ``batched_identical``: the share of those plans identical to the one-at-a-time ones;
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeat", type=int, default=1, help="time each request this many times per path, "
                    "alternating, and keep the fastest (robust to other jobs on a shared machine)")
     p.add_argument("--ids", action="store_true", help="the new path reads and writes artifact ids, not handles")
+    p.add_argument("--no-draft", action="store_true", help="the new path drafts nothing (no prompt lookup)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--json", action="store_true")
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         samples = [s for s in gen.generate(a.n) if s.kind != "fusion"]
     images = _Images()
     budget = a.max_new_tokens
+    drafts = {"drafted": 0, "accepted": 0}  # prompt lookup over the timed one-at-a-time new plans
 
     def old(msgs: list[dict], ims: dict[str, Any]) -> tuple[str, int]:
         proc = GrammarLogitsProcessor(CommandGrammar.from_registry(registry, _artifacts(msgs)), core.tokenizer)
@@ -119,7 +122,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m2, i2, h = prompt(msgs, ims, handles)
         arts = h.artifacts(_artifacts(msgs)) if h is not None else _artifacts(msgs)
         grammar = CommandGrammar.from_registry(registry, arts, canonical=True)
-        out = core.decode(m2, i2, grammar=grammar, max_new_tokens=budget, jump_forward=jump, batched=batched)
+        out = core.decode(m2, i2, grammar=grammar, max_new_tokens=budget, jump_forward=jump, batched=batched,
+                          draft_tokens=0 if a.no_draft or not jump else None)
+        if jump and not batched:
+            drafts["drafted"] += out.drafted_tokens
+            drafts["accepted"] += out.accepted_tokens
         return (h.ids(out.text) if h is not None else out.text), out.passes
 
     def prefill(msgs: list[dict], ims: dict[str, Any], handles: bool) -> tuple[float, int]:
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    f"{torch.get_num_threads()}".replace("  ", " "),
         "load_average": {"start": load_start, "end": load_end},
         "requests": len(rows), "one_call_requests": len(one), "repeat": max(1, a.repeat),
-        "new_path": "jump-forward, " + ("artifact ids" if a.ids else "short handles"),
+        "new_path": "jump-forward, " + ("artifact ids" if a.ids else "short handles")
+                    + ("" if a.no_draft else ", prompt lookup"),
         "plan_p50_s": {k: round(v, 3) for k, v in p50.items()},
         "plan_p50_speedup": round(p50["old"] / p50["new"], 2),
         # CPU seconds of this process per plan: the work, less sensitive than wall time to other jobs' load
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "routing": {k: {m: v for m, v in metrics[k].items() if not isinstance(v, list)} for k in metrics},
         "routing_delta": round(max(deltas), 4) if deltas else 0.0,
         "jump_forward_identical": round(sum(r["new"]["text"] == r["token_by_token"] for r in rows) / len(rows), 4),
+        "draft_accepted": round(drafts["accepted"] / drafts["drafted"], 3) if drafts["drafted"] else None,
         "same_plan_as_old": round(sum(r["new"]["text"] == r["old"]["text"] for r in rows) / len(rows), 4),
         "concurrent": a.concurrent,
         "concurrent_s": {k: round(v, 3) for k, v in best.items()},

@@ -67,6 +67,7 @@ class _Step:
     feed: list[int]
     kv: Any
     pixels: Any
+    keep: int = 1
     done: threading.Event = field(default_factory=threading.Event)
     logits: Any = None
     error: BaseException | None = None
@@ -121,11 +122,12 @@ class StepBatcher:
                 self._active -= 1
                 self._cond.notify_all()  # a batch waiting for this turn need not wait any longer
 
-    def step(self, feed: list[int], kv: Any, pixels: Any = None) -> Any:
+    def step(self, feed: list[int], kv: Any, pixels: Any = None, keep: int = 1) -> Any:
         """One forward pass of ``feed`` (token ids) after the tokens ``kv`` holds (``pixels``: the image
         features' input for the image tokens in ``feed``). ``kv`` is extended in place; returns the
-        logits (vocabulary,) of the last token."""
-        return self._submit(self._pending, _Step(list(feed), kv, pixels)).logits
+        logits (vocabulary,) of the last token, or with ``keep`` > 1 those of the last ``keep`` tokens
+        (keep, vocabulary): a drafted continuation is checked in one pass (``orchestrator.core.decode``)."""
+        return self._submit(self._pending, _Step(list(feed), kv, pixels, keep)).logits
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` run on the compute thread (between batches); its result, or its exception raised here."""
@@ -183,7 +185,7 @@ class StepBatcher:
             call.done.set()
             return
         try:
-            logits = run_batch(self.core, [(s.feed, s.kv, s.pixels) for s in batch])
+            logits = run_batch(self.core, [(s.feed, s.kv, s.pixels, s.keep) for s in batch])
             for s, row in zip(batch, logits, strict=True):
                 s.logits = row
         except BaseException as e:  # noqa: BLE001 - handed to every waiting turn
@@ -223,41 +225,50 @@ def _serve(ref: weakref.ReferenceType[StepBatcher], cond: threading.Condition) -
         del batcher
 
 
-def run_batch(core: Any, steps: list[tuple[list[int], Any, Any]]) -> list[Any]:
-    """One forward pass over several sequences' steps ``(feed, kv, pixels)``; each ``kv`` (a
-    ``DynamicCache``) is extended with its row's new keys and values. Returns each row's last logits."""
+def run_batch(core: Any, steps: list[tuple[Any, ...]]) -> list[Any]:
+    """One forward pass over several sequences' steps ``(feed, kv, pixels)`` or ``(feed, kv, pixels,
+    keep)``; each ``kv`` (a ``DynamicCache``) is extended with its row's new keys and values. Returns
+    each row's last logits (vocabulary,), or its last ``keep`` tokens' (keep, vocabulary) where
+    ``keep`` > 1."""
     import torch
 
+    keeps = [min(s[3] if len(s) > 3 else 1, len(s[0])) for s in steps]
     if len(steps) == 1:  # alone: exactly the unbatched call
-        feed, kv, pixels = steps[0]
+        feed, kv, pixels = steps[0][:3]
         kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device), "cache": kv,
-                                  "use_cache": True, "logits_to_keep": 1}
+                                  "use_cache": True, "logits_to_keep": keeps[0]}
         if pixels is not None:
             kwargs["pixel_values"] = pixels
         with torch.inference_mode():
             out = core.model(**kwargs)
         if out.cache is not kv:  # a cache the model made (none was passed in)
             _append(kv, out.cache, len(feed))
-        return [out.logits[0, -1]]
+        return [out.logits[0, -1] if keeps[0] == 1 else out.logits[0, -keeps[0]:]]
 
     dev = core.device
     _use_rows_attention(core.model)
-    feeds = [len(f) for f, _, _ in steps]
-    pasts = [kv.get_seq_length() for _, kv, _ in steps]
-    ids = torch.tensor([[t for f, _, _ in steps for t in f]], device=dev)
+    feeds = [len(s[0]) for s in steps]
+    pasts = [s[1].get_seq_length() for s in steps]
+    ids = torch.tensor([[t for s in steps for t in s[0]]], device=dev)
     pos = torch.cat([torch.arange(p, p + f, device=dev) for p, f in zip(pasts, feeds, strict=True)])[None]
-    last = torch.tensor(feeds, device=dev).cumsum(0) - 1  # each row's last new token
+    ends = torch.tensor(feeds, device=dev).cumsum(0)
+    # each row's last ``keep`` new tokens
+    kept = torch.cat([torch.arange(e - k, e, device=dev) for e, k in zip(ends.tolist(), keeps, strict=True)])
     # a 4-D mask is taken as given (transformers builds none); the rows' attention does not read it
     mask = torch.zeros((1, 1, sum(feeds), 1), dtype=core.model.dtype, device=dev)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-              "cache": _row_caches_class()([kv for _, kv, _ in steps], feeds, core.model.config.get_text_config()),
-              "use_cache": True, "logits_to_keep": last}
-    pixels = [p for _, _, p in steps if p is not None]
+              "cache": _row_caches_class()([s[1] for s in steps], feeds, core.model.config.get_text_config()),
+              "use_cache": True, "logits_to_keep": kept}
+    pixels = [s[2] for s in steps if s[2] is not None]
     if pixels:
         kwargs["pixel_values"] = torch.cat(pixels)
     with torch.inference_mode():
         out = core.model(**kwargs)
-    return [out.logits[0, r] for r in range(len(steps))]
+    rows, start = [], 0
+    for k in keeps:
+        rows.append(out.logits[0, start] if k == 1 else out.logits[0, start:start + k])
+        start += k
+    return rows
 
 
 class _Rows:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 @dataclass
 class DecodeResult:
     """One decoded reply and what it cost: forward ``passes``, reply ``tokens`` (``forced_tokens`` of
-    them appended by jump-forward), ``prompt_tokens``; ``finish_reason`` is "stop", "length" or
+    them appended by jump-forward, ``accepted_tokens`` checked in a pass with the token before them),
+    ``prompt_tokens``; ``finish_reason`` is "stop", "length" or
     "cancelled"."""
 
     text: str
@@ -33,6 +34,9 @@ class DecodeResult:
     tokens: int = 0
     forced_tokens: int = 0
     prompt_tokens: int = 0
+    #: prompt lookup: tokens drafted, and of those the ones the model chose (each saved a pass)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | None = None, *, grammar: Any,
@@ -40,7 +44,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
            on_text: Callable[[str], None] | None = None, system: str | None = None,
            prefix_cache: Any = None,
            should_stop: Callable[[], bool] | None = None, batched: bool = True,
-           sampling: Any = None) -> DecodeResult:
+           sampling: Any = None, draft_tokens: int | None = None) -> DecodeResult:
     """Greedy grammar-constrained decoding of the next assistant turn, with jump-forward.
 
     One forward pass per token the model chooses. Where the grammar admits exactly one continuation
@@ -58,6 +62,14 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     when it has one; False calls the model directly. ``sampling`` (an
     ``orchestrator.core.sampling.Sampling``): the tokens the model chooses are drawn with its
     temperature, nucleus, seed and penalties instead of greedily.
+
+    Prompt lookup (greedy only): where the reply's last words occur earlier in the prompt or the reply
+    (an argument copied from the request: ``prompt="a red star on a blue background"``), the tokens that
+    followed them there, as far as the grammar admits them (at most ``draft_tokens``, default
+    ``DRAFT_TOKENS``; ``jump_forward=False``: none), are fed in the same pass as the last chosen token;
+    the model's choice at each of their positions is read from that one pass, the draft is taken as far
+    as it agrees, and the rest leaves the cache. The reply is the one greedy decoding gives; a draft that
+    is right saves a pass per token.
     """
     import torch
 
@@ -83,6 +95,9 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     reply: list[int] = []  # the reply's tokens so far
     cached = reused  # how many tokens of prompt + reply the cache holds
     passes, forced_tokens, finish = 0, 0, "stop"
+    drafted_tokens = accepted_tokens = 0
+    if draft_tokens is None:
+        draft_tokens = DRAFT_TOKENS if jump_forward else 0
     sent = ""
     sampler = sampling.sampler() if sampling is not None else None
 
@@ -131,35 +146,108 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                 kv.crop(-1)
                 cached -= 1
                 feed = (prompt + reply)[cached:]
+            # prompt lookup: what followed the reply's last words where they occur earlier, checked in this pass
+            draft = _draft(grammar, state, prompt + reply, len(reply), texts, eos,
+                           min(draft_tokens, max_new_tokens - len(reply) - 1)) if draft_tokens and sampler is None else []
+            feed = feed + draft
             step_pixels = pixels if passes == 0 else None
             if batcher is not None:  # with whatever other turns are decoding now (orchestrator.core.batching)
-                logits = batcher.step(feed, kv, step_pixels)
+                logits = batcher.step(feed, kv, step_pixels, keep=len(draft) + 1)
             else:
                 kwargs: dict[str, Any] = {"input_ids": torch.tensor([feed], device=core.device),
-                                          "cache": kv, "use_cache": True, "logits_to_keep": 1}
+                                          "cache": kv, "use_cache": True, "logits_to_keep": len(draft) + 1}
                 if step_pixels is not None:
                     kwargs["pixel_values"] = step_pixels
                 out = _forward(core, kwargs)
-                kv, logits = out.cache, out.logits[0, -1]
+                kv, logits = out.cache, out.logits[0, -1] if not draft else out.logits[0]
             passes += 1
             cached += len(feed)
-            scores, tid = logits.float(), None
-            if sampler is not None:
-                scores = sampler.adjust(scores, reply)
-                tid = sampler.pick(scores, lambda t, st=state: _allowed(grammar, st, t, texts, eos))
-            if tid is None:
-                tid = _best_token(grammar, state, scores, texts, eos)
-            if tid is None or tid in eos:
-                break
-            reply.append(tid)
-            grammar.feed(state, texts[tid])
+            rows = logits[None] if not draft else logits
+            ended, accepted, fresh = False, 0, False  # fresh: the reply's last token is not in the cache yet
+            for j in range(len(draft) + 1):
+                scores, tid = rows[j].float(), None
+                if sampler is not None:
+                    scores = sampler.adjust(scores, reply)
+                    tid = sampler.pick(scores, lambda t, st=state: _allowed(grammar, st, t, texts, eos))
+                if tid is None:
+                    tid = _best_token(grammar, state, scores, texts, eos)
+                if tid is None or tid in eos:
+                    ended = True
+                    break
+                reply.append(tid)
+                grammar.feed(state, texts[tid])
+                if j == len(draft) or tid != draft[j]:
+                    fresh = True
+                    break
+                accepted += 1
+                if len(reply) >= max_new_tokens:
+                    break
+            drafted_tokens += len(draft)
+            accepted_tokens += accepted
+            held = len(prompt) + len(reply) - fresh
+            if cached > held:  # the rejected part of the draft leaves the cache
+                kv.crop(held - cached)  # transformers 5: a negative count removes that many
+                cached = held
             stream()
+            if ended:
+                break
     total = prompt + reply
     if prefix_cache is not None:
         prefix_cache.keep(total, image_ids, kv, prompt=len(prompt), reused=reused)
     text = core.tokenizer.decode(reply, skip_special_tokens=True)
     return DecodeResult(text=text, finish_reason=finish, passes=passes, tokens=len(reply),
-                        forced_tokens=forced_tokens, prompt_tokens=len(prompt))
+                        forced_tokens=forced_tokens, prompt_tokens=len(prompt), drafted_tokens=drafted_tokens,
+                        accepted_tokens=accepted_tokens)
+
+#: tokens drafted at most per pass by prompt lookup (``_draft``)
+DRAFT_TOKENS = 10
+#: the longest run of the reply's last tokens looked up (then shorter ones)
+DRAFT_NGRAM = 3
+
+_KEYS: dict[int, list[str]] = {}  # per token_texts list: each token's text as prompt lookup compares it
+
+
+def _draft(grammar: Any, state: Any, sequence: list[int], reply: int, texts: list[str], eos: set[int],
+           limit: int) -> list[int]:
+    """Prompt lookup (Saxena's prompt-lookup decoding, as transformers' ``prompt_lookup_num_tokens``):
+    the tokens that followed the latest earlier occurrence of the last ``DRAFT_NGRAM`` (then fewer)
+    tokens of ``sequence`` (prompt + reply; ``reply``: how many of its tokens are the reply's), compared
+    by text without case or surrounding spaces (the request's " Blue" drafts after the reply's "blue"),
+    cut where the grammar stops admitting them; [] when there is nothing to look up. In plain text
+    (an answer, not an argument) one word is too weak an anchor: a run of two or more is needed.
+    """
+    from orchestrator.core.grammar import TEXT
+
+    if limit <= 0 or reply == 0:
+        return []
+    shortest = 2 if state.mode == TEXT else 1
+    keys = _KEYS.get(id(texts))
+    if keys is None:
+        keys = _KEYS[id(texts)] = [t.strip().lower() for t in texts]
+    n_seq = len(sequence)
+    for n in range(min(DRAFT_NGRAM, reply), shortest - 1, -1):
+        tail = [keys[t] for t in sequence[-n:]]
+        if n == 1 and not any(c.isalnum() for c in tail[0]):  # a lone space or quote is no anchor
+            return []
+        for i in range(n_seq - n - 1, -1, -1):
+            if keys[sequence[i + n - 1]] == tail[-1] and [keys[t] for t in sequence[i:i + n]] == tail:
+                draft = _admitted(grammar, state, sequence[i + n:i + n + limit], texts, eos)
+                if draft:
+                    return draft
+    return []
+
+
+def _admitted(grammar: Any, state: Any, tokens: list[int], texts: list[str], eos: set[int]) -> list[int]:
+    """The longest prefix of ``tokens`` the grammar admits after ``state``."""
+    state = state.copy()
+    out: list[int] = []
+    for t in tokens:
+        if t in eos or not _allowed(grammar, state, t, texts, eos):
+            break
+        grammar.feed(state, texts[t])
+        out.append(t)
+    return out
+
 
 def _forward(core: Any, kwargs: dict[str, Any]) -> Any:
     """One pass of its own, on the core's compute thread where it has one (``CoreModel.run``)."""
