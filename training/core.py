@@ -352,7 +352,7 @@ def encode_sample(core: Any, sample: Any, images: _Images) -> dict[str, Any]:
 def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: bool, tiny: bool,
           save_every: int, seed: int, lr: float, max_len: int, threads: int, lora_layers: int | None = None,
           train_vision: bool = False, base: Path | None = None, snapshot_every: int = 0,
-          align: bool = False, log: Any = print) -> dict[str, Any]:
+          align: bool = False, handles: float = 0.0, log: Any = print) -> dict[str, Any]:
     """The invocation-tuning loop. Samples are generated on the fly (never repeated); the learning rate
     follows a cosine over max(step / steps, elapsed / minutes), so a time-boxed run still anneals.
     ``snapshot_every`` > 0 also keeps a copy of the adapter every that many steps in
@@ -361,12 +361,18 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
 
     ``align`` is LLaVA's stage 1 (feature alignment) on a trained core: only the projector trains
     (the LoRA adapter and the LM stay frozen), on questions about the attached image answered from its
-    pixels (describe it, its background), so image tokens start to carry what the image shows."""
+    pixels (describe it, its background), so image tokens start to carry what the image shows.
+
+    ``handles`` is the share of training conversations written with short handles (``img1``,
+    ``mask1`` …: ``training.core_data.with_handles``, as the loop shows them to a core) instead of
+    artifact ids; the rest keep their ids, so the core reads both."""
     import torch
     from tqdm import tqdm
 
-    from training.core_data import Generator
+    from training.core_data import Generator, with_handles
 
+    if not 0.0 <= handles <= 1.0:
+        raise ValueError(f"handles must be a share between 0 and 1, got {handles}")
     _threads(threads)
     torch.manual_seed(seed)
     core = build_trainable(tiny=tiny, out=out, resume=resume, lora_layers=lora_layers,
@@ -408,7 +414,11 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     for step in bar:
         if not pool:
             # a pool of 4 batches sorted by length: little padding per batch
-            items = [encode_sample(core, s, images) for s in gen.generate(batch * 4, "describe" if align else None)]
+            drawn = gen.generate(batch * 4, "describe" if align else None)
+            if handles:
+                mix = random.Random(f"handles:{seed}:{step}")
+                drawn = [with_handles(s) if mix.random() < handles else s for s in drawn]
+            items = [encode_sample(core, s, images) for s in drawn]
             items = [it for it in items if len(it["input_ids"]) <= max_len]
             items.sort(key=lambda it: len(it["input_ids"]))
             chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
@@ -602,6 +612,9 @@ def main_train(argv: list[str]) -> int:
                    "instead of the embedded SmolLM2 core (a bigger core, on a GPU)")
     p.add_argument("--align", action="store_true", help="train only the projector, on questions about the "
                    "attached image (LLaVA stage 1 on a trained core: the LoRA adapter stays as it is)")
+    p.add_argument("--handles", type=float, default=0.0, metavar="SHARE",
+                   help="share of training conversations with short handles (img1, mask1 …) instead of "
+                   "artifact ids, as the loop shows them (default 0)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="also keep the adapter (and, when it trains, the projector) every N steps in "
                    "OUT/snapshots/ (for --average)")
@@ -634,11 +647,13 @@ def main_train(argv: list[str]) -> int:
         p.error("--lora-layers must be 0 (all) or more")
     if a.snapshot_every < 0:
         p.error("--snapshot-every must be 0 (none) or more")
+    if not 0.0 <= a.handles <= 1.0:
+        p.error("--handles must be a share between 0 and 1")
     try:
         res = train(out=out, steps=steps, batch=batch, minutes=a.minutes, resume=a.resume, tiny=a.tiny,
                     save_every=a.save_every, seed=a.seed, lr=a.lr, max_len=a.max_len, threads=a.threads,
                     lora_layers=a.lora_layers, train_vision=a.train_vision, base=a.base,
-                    snapshot_every=a.snapshot_every, align=a.align)
+                    snapshot_every=a.snapshot_every, align=a.align, handles=a.handles)
     except AdapterLayersError as e:
         p.error(str(e))
     print(json.dumps(res))
@@ -810,13 +825,14 @@ def _artifacts_of(msgs: list[dict]) -> dict[str, str]:
     return arts
 
 
-def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, **kw: Any) -> list[Any]:
-    """A grammar processor allowing the artifact ids these conversations mention (one per batch);
-    ``kw`` go to the grammar (``route``, ``allow_calls``)."""
+def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, artifacts: dict[str, str] | None = None,
+                 **kw: Any) -> list[Any]:
+    """A grammar processor allowing the artifact ids these conversations mention (one per batch), or
+    ``artifacts`` (id or handle -> kind); ``kw`` go to the grammar (``route``, ``allow_calls``)."""
     from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
 
-    arts: dict[str, str] = {}
-    for msgs, _ in convs:
+    arts: dict[str, str] = dict(artifacts or {})
+    for msgs, _ in convs if artifacts is None else ():
         arts.update(_artifacts_of(msgs))
     return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts, **kw), _GRAMMAR_TOKENIZER[0])]
 
@@ -824,21 +840,45 @@ def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, **kw: Any)
 _GRAMMAR_TOKENIZER: list[Any] = []
 
 
+def _as_core_reads(messages: list[dict], images: dict[str, Any], handles: bool) -> tuple[list[dict], dict, dict, Any]:
+    """A conversation as the loop shows it to the core: with short handles (``img1``, ``mask1`` …,
+    ``orchestrator.core.handles``) where ``handles``, else with its artifact ids. Returns the messages,
+    images and artifacts (name -> kind) the core reads, and the ``Handles`` that map a reply back to
+    ids (None without handles)."""
+    from orchestrator.core.handles import Handles
+
+    arts = _artifacts_of(messages)
+    if not handles:
+        return messages, images, arts, None
+    h = Handles.for_conversation(messages, arts)
+    return h.messages(messages), h.images(images), h.artifacts(arts), h
+
+
+def _uses_handles(core: Any, handles: bool | None) -> bool:
+    """Whether the loop would show ``core`` short handles (``core.short_handles``), unless ``handles`` says."""
+    return bool(getattr(core, "short_handles", False)) if handles is None else handles
+
+
 def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: bool = True,
              max_new_tokens: int = 120, grammar: bool = False, kind: str | None = None,
-             log: Any = print, jump_forward: bool = True, router: Any = None) -> dict[str, Any]:
+             log: Any = print, jump_forward: bool = True, router: Any = None,
+             handles: bool | None = None) -> dict[str, Any]:
     """Held-out metrics (see the module doc and MODEL_CARD.md). Greedy decoding; ``router`` routes each
     sample the loop would route (a first turn, or a message that brings an image) and constrains its
     decoding to the routed calls, as ``switchboard chat`` does; ``grammar`` applies
     the command grammar (orchestrator/core/grammar.py) with the artifacts of each batch's
     conversations, as ``switchboard chat`` does with one conversation's; with the grammar and
     ``jump_forward`` (a core with ``decode``), each conversation is decoded as the loop decodes it:
-    jump-forward over the canonical grammar, one conversation at a time."""
+    jump-forward over the canonical grammar, one conversation at a time. ``handles``: the core reads
+    and writes short handles instead of artifact ids (None: as the loop shows them to this core,
+    ``core.short_handles``, True for the embedded core); replies are mapped back to ids before scoring."""
     from tqdm import tqdm
 
     from orchestrator.commands import parse
     from orchestrator.core.loop import TOKENS_PER_CALL
     from training.core_data import Generator, data_registry
+
+    handles = _uses_handles(core, handles) and not getattr(core, "remote", False)
 
     registry = data_registry()
     _GRAMMAR_TOKENIZER[:] = [getattr(core, "tokenizer", None)]  # a remote core has none (and needs none)
@@ -858,34 +898,39 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
                    + sum(len(m["content"]) for m in samples[i].messages))
     out_text: dict[int, str] = {}
     routes = _heldout_routes(samples, router, registry) if router is not None else {}
+    seen = {}  # sample -> the conversation as the core reads it (messages, images, artifacts, handles)
+    for i, sample in enumerate(samples):
+        seen[i] = _as_core_reads(sample.messages, {aid: images(s) for aid, s in sample.images.items()}, handles)
     for i, route in routes.items():  # a routed sample is decoded alone, under its route's grammar
-        m, im = samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}
+        m, im, arts, h = seen[i]
         kw: dict[str, Any] = {"route": route} if route else {"allow_calls": False}
         budget = max(max_new_tokens, TOKENS_PER_CALL * len(route)) if route else max_new_tokens
         if getattr(core, "remote", False):
-            out_text[i] = _remote_decode(core, m, registry, images=im, max_new_tokens=budget, **kw)
+            text = _remote_decode(core, m, registry, images=im, max_new_tokens=budget, **kw)
         elif jump_forward and hasattr(core, "decode"):
-            out_text[i] = core.decode(m, im, grammar=_grammar_for([(m, im)], registry, canonical=True, **kw)[0].grammar,
-                                      max_new_tokens=budget).text
+            text = core.decode(m, im, grammar=_grammar_for([(m, im)], registry, arts, canonical=True, **kw)[0].grammar,
+                               max_new_tokens=budget).text
         else:
-            out_text[i] = core.generate_batch([(m, im)], max_new_tokens=budget,
-                                              logits_processor=_grammar_for([(m, im)], registry, **kw))[0]
+            text = core.generate_batch([(m, im)], max_new_tokens=budget,
+                                       logits_processor=_grammar_for([(m, im)], registry, arts, **kw))[0]
+        out_text[i] = h.ids(text) if h is not None else text
     order = [i for i in order if i not in routes]
     for k in tqdm(range(0, len(order), batch), desc="eval core", unit="batch"):
         idx = order[k:k + batch]
-        convs = [(samples[i].messages, {aid: images(s) for aid, s in samples[i].images.items()}) for i in idx]
+        convs = [seen[i][:2] for i in idx]
+        arts = {name: kind for i in idx for name, kind in seen[i][2].items()}
         remote = getattr(core, "remote", False)
-        procs = _grammar_for(convs, registry) if grammar and not remote else None
+        procs = _grammar_for(convs, registry, arts) if grammar and not remote else None
         if remote:  # one request per conversation, constrained (and repaired) as the loop's are
             texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=max_new_tokens, constrain=grammar)
                      for m, im in convs]
         elif procs and jump_forward and hasattr(core, "decode"):
-            texts = [core.decode(m, im, grammar=_grammar_for([(m, im)], registry, canonical=True)[0].grammar,
-                                 max_new_tokens=max_new_tokens).text for m, im in convs]
+            texts = [core.decode(m, im, grammar=_grammar_for([(m, im)], registry, seen[i][2], canonical=True)[0].grammar,
+                                 max_new_tokens=max_new_tokens).text for i, (m, im) in zip(idx, convs, strict=True)]
         else:
             texts = core.generate_batch(convs, max_new_tokens=max_new_tokens, logits_processor=procs)
         for i, text in zip(idx, texts, strict=True):
-            out_text[i] = text
+            out_text[i] = seen[i][3].ids(text) if seen[i][3] is not None else text
     preds = [out_text[i] for i in range(len(samples))]
     route = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind not in ("fusion", "human")]
     hum = [(s, p) for s, p in zip(samples, preds, strict=True) if s.kind == "human"]
@@ -952,7 +997,7 @@ NO_CALL_BUDGET = 8
 
 def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_tokens: int = 120,
                   limit: int | None = None, router: Any = None, items: list[Any] | None = None,
-                  ) -> dict[str, Any]:
+                  handles: bool | None = None) -> dict[str, Any]:
     """The core on the wild set (training/evalsets/wild.jsonl, see training/wild.py): each request
     with its image attached; the parsed calls' expert sequence is scored. Aggregates only.
     ``items``: another set of ``WildItem``s scored the same way (the dev set, ``_dev_items``;
@@ -963,7 +1008,8 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
     the request cannot serve (an expert that needs an image when none is attached) is not imposed.
     A reply routed to no call is decoded for ``NO_CALL_BUDGET`` tokens where the grammar is enforced
     (the embedded core's, a remote core's unless ``SWITCHBOARD_CORE_GRAMMAR=none``): its grammar admits
-    no ``<``, so its expert sequence is empty at any length.
+    no ``<``, so its expert sequence is empty at any length. ``handles`` as for ``evaluate`` (the attached
+    image is ``img1`` to the embedded core, as in the loop).
     """
     from tqdm import tqdm
 
@@ -987,6 +1033,8 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
             msg["images"] = [aid]
             images[aid] = resolve_image("scene" if it.image == "attached" else it.image)
         convs.append(([msg], images))
+    if _uses_handles(core, handles) and not getattr(core, "remote", False):
+        convs = [_as_core_reads(m, im, True)[:2] for m, im in convs]
     routes: list[tuple[str, ...] | None] = [None] * len(items)
     if router is not None:
         found = router.route_batch([it.request for it in items], [bool(it.image) for it in items], registry)
@@ -1018,7 +1066,8 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
             texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=budget,
                                     constrain=grammar or route is not None, **kw) for m, im in group]
         else:
-            procs = _grammar_for(group, registry, **kw) if route is not None or grammar else None
+            arts = {a: "image" for _, im in group for a in im}  # the attached images, by the names the core reads
+            procs = _grammar_for(group, registry, arts, **kw) if route is not None or grammar else None
             texts = core.generate_batch(group, max_new_tokens=budget, logits_processor=procs)
         for i, text in zip(idx, texts, strict=True):
             preds[i] = calls_to_sequence(parse(text).calls)
@@ -1104,6 +1153,9 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--errors", type=Path, default=None, help="write the failures to this JSON file")
     p.add_argument("--grammar", action="store_true", help="constrain decoding with the command grammar")
+    p.add_argument("--handles", action=argparse.BooleanOptionalAction, default=None,
+                   help="the core reads and writes short handles (img1, mask1 …) instead of artifact ids "
+                   "(default: as the loop shows them to it, which the embedded core is; a remote core is not)")
     p.add_argument("--jump-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="with --grammar: decode as the loop does, with jump-forward over the canonical grammar "
                    "(default on; off: transformers' generate, batched)")
@@ -1178,17 +1230,18 @@ def _eval_one(core: Any, a: argparse.Namespace, router: Any) -> dict[str, Any]:
         if a.eval_set == "dev":
             items = _dev_items()
         res = evaluate_wild(core, batch=a.batch, grammar=a.grammar, max_new_tokens=a.max_new_tokens,
-                            router=router, items=items, limit=a.limit)
+                            router=router, items=items, limit=a.limit, handles=a.handles)
         res["router"] = str(a.router_model or "models/router") if router is not None else None
         res["decoding"] = "grammar" if a.grammar else "unconstrained"
     else:
         res = evaluate(core, n=a.n, batch=a.batch, human=not a.no_human, grammar=a.grammar,
                        max_new_tokens=a.max_new_tokens, kind=a.kind, seed=a.seed, jump_forward=a.jump_forward,
-                       router=router)
+                       router=router, handles=a.handles)
         res["router"] = str(a.router_model or "models/router") if router is not None else None
         res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
         if remote:
             res["decoding"] = "grammar" if a.grammar else "unconstrained"
+    res["handles"] = _uses_handles(core, a.handles) and not remote  # what the core read: img1 … or artifact ids
     if remote:  # how the server was asked to constrain (routed replies always are), repaired once
         res.update(core=a.core, core_grammar=core.grammar_mode)
     return res

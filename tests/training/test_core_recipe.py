@@ -304,3 +304,33 @@ def test_describe_samples_ask_about_the_attached_image():
     for s in Generator(split="heldout", seed=3, n_scenes=16).generate(12, "describe"):
         assert s.kind == "none" and s.source == "describe" and not s.calls and len(s.images) == 1
         assert s.answer.startswith(("The image shows ", "It is a "))
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
+def test_handles_share_of_the_training_conversations(tmp_path, monkeypatch, capsys):
+    """--handles SHARE writes that share of the training conversations with short handles (img1 …), as
+    the loop shows them to the core; the rest keep their artifact ids."""
+    import re
+
+    from orchestrator.core.format import render
+
+    pytest.importorskip("peft")
+    seen: list[str] = []
+    real = recipe.encode_sample
+    monkeypatch.setattr(recipe, "encode_sample", lambda core, s, images: seen.append(render(s.messages))
+                        or real(core, s, images))
+    ids = re.compile(r"\bimage-[0-9a-f]{24}\b")
+    handle = re.compile(r"\bimg1\b")
+    assert recipe.main_train(["--tiny", "--steps", "2", "--batch", "4", "--out", str(tmp_path / "all"),
+                              "--handles", "1"]) == 0
+    with_images = [t for t in seen if ids.search(t) or handle.search(t)]
+    assert with_images and all(handle.search(t) and not ids.search(t) for t in with_images)
+    seen.clear()
+    assert recipe.main_train(["--tiny", "--steps", "6", "--batch", "4", "--out", str(tmp_path / "half"),
+                              "--handles", "0.5"]) == 0
+    assert any(handle.search(t) for t in seen) and any(ids.search(t) for t in seen)
+    seen.clear()
+    assert recipe.main_train(["--tiny", "--steps", "2", "--batch", "4", "--out", str(tmp_path / "none")]) == 0
+    assert not any(handle.search(t) for t in seen) and any(ids.search(t) for t in seen)
+    with pytest.raises(SystemExit):
+        recipe.main_train(["--tiny", "--steps", "1", "--out", str(tmp_path / "bad"), "--handles", "1.5"])
