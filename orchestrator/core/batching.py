@@ -122,6 +122,11 @@ class StepBatcher:
                 self._active -= 1
                 self._cond.notify_all()  # a batch waiting for this turn need not wait any longer
 
+    @property
+    def decoding(self) -> int:
+        """How many turns are decoding now (open sessions)."""
+        return self._active
+
     def step(self, feed: list[int], kv: Any, pixels: Any = None, keep: int = 1) -> Any:
         """One forward pass of ``feed`` (token ids) after the tokens ``kv`` holds (``pixels``: the image
         features' input for the image tokens in ``feed``). ``kv`` is extended in place; returns the

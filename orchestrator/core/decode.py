@@ -69,7 +69,10 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     ``DRAFT_TOKENS``; ``jump_forward=False``: none), are fed in the same pass as the last chosen token;
     the model's choice at each of their positions is read from that one pass, the draft is taken as far
     as it agrees, and the rest leaves the cache. The reply is the one greedy decoding gives; a draft that
-    is right saves a pass per token.
+    is right saves a pass per token. Drafts are made only while no other turn decodes beside this one:
+    batched turns run in lockstep, as many passes as the longest of them needs, so a draft shortens a
+    turn that seldom sets that count while its rows make every shared pass dearer (16 held-out turns
+    batched: 4.7 s with drafts, 4.2 s without; benchmarks/README.md).
     """
     import torch
 
@@ -146,9 +149,12 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                 kv.crop(-1)
                 cached -= 1
                 feed = (prompt + reply)[cached:]
-            # prompt lookup: what followed the reply's last words where they occur earlier, checked in this pass
+            # prompt lookup: what followed the reply's last words where they occur earlier, checked in this
+            # pass; only while this turn decodes alone (see the docstring)
+            alone = batcher is None or batcher.decoding <= 1
             draft = _draft(grammar, state, prompt + reply, len(reply), texts, eos,
-                           min(draft_tokens, max_new_tokens - len(reply) - 1)) if draft_tokens and sampler is None else []
+                           min(draft_tokens, max_new_tokens - len(reply) - 1)) \
+                if draft_tokens and sampler is None and alone else []
             feed = feed + draft
             step_pixels = pixels if passes == 0 else None
             if batcher is not None:  # with whatever other turns are decoding now (orchestrator.core.batching)
@@ -213,19 +219,20 @@ def _draft(grammar: Any, state: Any, sequence: list[int], reply: int, texts: lis
     the tokens that followed the latest earlier occurrence of the last ``DRAFT_NGRAM`` (then fewer)
     tokens of ``sequence`` (prompt + reply; ``reply``: how many of its tokens are the reply's), compared
     by text without case or surrounding spaces (the request's " Blue" drafts after the reply's "blue"),
-    cut where the grammar stops admitting them; [] when there is nothing to look up. In plain text
-    (an answer, not an argument) one word is too weak an anchor: a run of two or more is needed.
+    cut where the grammar stops admitting them; [] when there is nothing to look up. Only inside a
+    call's tag (an argument's value): in plain text (an answer) drafts were almost never right (none of
+    the 54 tokens drafted in the answers of the benchmark's 33 held-out replies) and their rows made
+    batched passes dearer.
     """
     from orchestrator.core.grammar import TEXT
 
-    if limit <= 0 or reply == 0:
+    if limit <= 0 or reply == 0 or state.mode == TEXT:
         return []
-    shortest = 2 if state.mode == TEXT else 1
     keys = _KEYS.get(id(texts))
     if keys is None:
         keys = _KEYS[id(texts)] = [t.strip().lower() for t in texts]
     n_seq = len(sequence)
-    for n in range(min(DRAFT_NGRAM, reply), shortest - 1, -1):
+    for n in range(min(DRAFT_NGRAM, reply), 0, -1):
         tail = [keys[t] for t in sequence[-n:]]
         if n == 1 and not any(c.isalnum() for c in tail[0]):  # a lone space or quote is no anchor
             return []

@@ -56,8 +56,7 @@ def test_the_draft_is_what_followed_the_last_words_as_far_as_the_grammar_admits(
     state = grammar.start()
     assert grammar.feed(state, head)
     draft = dec._draft(grammar, state, prompt + reply, len(reply), texts, eos, 20)
-    # " star on a beige background" and not the "," (a quote-free value may hold it) - the comma is
-    # admitted too, the grammar only stops at a quote or a tag
+    # what followed "a purple" in the request (the comma too: a value may hold one)
     assert tiny.tokenizer.decode(draft).startswith(" star on a beige background")
     assert len(dec._draft(grammar, state, prompt + reply, len(reply), texts, eos, 2)) == 2  # the limit
     # in a JSON list the draft stops where the grammar does: after the closing bracket comes the quote
@@ -69,18 +68,12 @@ def test_the_draft_is_what_followed_the_last_words_as_far_as_the_grammar_admits(
     prompt2 = _ids(tiny, "crop [0,0,500,700] please")
     got = tiny.tokenizer.decode(dec._draft(grammar, s2, prompt2 + reply2, len(reply2), texts, eos, 20))
     assert got == "00,700]"  # not " please": a quote must follow the list
-    # plain text needs two words in a row as the anchor; one common word drafts nothing
+    # plain text (an answer) is not drafted, even where it repeats the request
     text_state = grammar.start()
-    one = _ids(tiny, "Here is a")
-    assert grammar.feed(text_state, "Here is a")
-    assert dec._draft(grammar, text_state, _ids(tiny, "draw a star") + one, len(one), texts, eos, 10) == []
-    two = _ids(tiny, "I drew a red")
-    s3 = grammar.start()
-    assert grammar.feed(s3, "I drew a red")
-    got3 = tiny.tokenizer.decode(dec._draft(grammar, s3, _ids(tiny, "draw a red star now") + two, len(two),
-                                            texts, eos, 10))
-    assert got3.startswith(" star")
-    assert dec._draft(grammar, s3, two, 0, texts, eos, 10) == []  # nothing of the reply yet: no anchor
+    said = _ids(tiny, "I drew a red")
+    assert grammar.feed(text_state, "I drew a red")
+    assert dec._draft(grammar, text_state, _ids(tiny, "draw a red star now") + said, len(said), texts, eos, 10) == []
+    assert dec._draft(grammar, state, prompt + reply, 0, texts, eos, 10) == []  # nothing of the reply yet: no anchor
 
 
 def _reference(core, grammar) -> tuple[object, list[int]]:
@@ -124,27 +117,49 @@ def test_a_right_draft_saves_passes_and_a_wrong_one_changes_nothing(tiny, gramma
     assert short.tokens == 6 and short.finish_reason == "length" and ref.text.startswith(short.text)
 
 
-def test_drafted_rows_in_a_batched_pass_give_the_reply_alone(grammar, monkeypatch) -> None:
+def test_a_drafted_row_in_a_batched_pass_gets_the_logits_of_its_pass_alone() -> None:
+    """run_batch with a row that keeps the logits of its last K tokens (a draft being checked) beside
+    one-token rows: every row gets what its pass alone gives."""
+    import torch
+    from transformers import DynamicCache
+
+    from orchestrator.core.batching import run_batch
+
+    core = varied_core()
+    cfg = core.model.config.get_text_config()
+    pasts = [_ids(core, t) for t in ("a red star on a blue", "hello there", "count the circles")]
+    feeds = [_ids(core, " background, then a green circle"), _ids(core, " friend"), _ids(core, " please")]
+    keeps = [len(feeds[0]), 1, 1]
+
+    def caches() -> list:
+        out = []
+        for p in pasts:
+            kv = DynamicCache(config=cfg)
+            run_batch(core, [(p, kv, None)])
+            out.append(kv)
+        return out
+
+    alone = [run_batch(core, [(f, kv, None, k)])[0] for f, kv, k in zip(feeds, caches(), keeps, strict=True)]
+    batched = run_batch(core, [(f, kv, None, k) for f, kv, k in zip(feeds, caches(), keeps, strict=True)])
+    assert alone[0].shape == (keeps[0], alone[1].shape[0]) and batched[0].shape == alone[0].shape
+    for x, y in zip(alone, batched, strict=True):
+        assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_no_drafts_while_other_turns_decode(grammar, monkeypatch) -> None:
+    """Batched turns run as many passes as the longest needs: a turn drafts only while it decodes alone,
+    and its reply is the same either way."""
     core = varied_core().enable_batching()
     ref, truth = _reference(core, grammar)
-    right = _oracle(truth, ref.prompt_tokens)
-    wrong = _oracle(truth, ref.prompt_tokens, wrong=_ids(core, " zebra")[0])
-    # a right draft, a wrong one and none, in the same passes
-    monkeypatch.setattr(dec, "_draft", lambda *a: (right if threading.current_thread().name == "right" else wrong)(*a))
-    got: list = [None] * 3
-    before = dict(core.batcher.stats)
-
-    def turn(k: int) -> None:
-        got[k] = core.decode(MSGS, grammar=grammar, max_new_tokens=24, draft_tokens=(3, 2, 0)[k])
-
-    threads = [threading.Thread(target=turn, args=(k,), name=("right", "wrong", "none")[k]) for k in range(3)]
-    for t in threads:
+    monkeypatch.setattr(dec, "_draft", _oracle(truth, ref.prompt_tokens))
+    got: list = []
+    with core.batcher.session():  # another turn is decoding
+        t = threading.Thread(target=lambda: got.append(core.decode(MSGS, grammar=grammar, max_new_tokens=24)))
         t.start()
-    for t in threads:
         t.join(timeout=120)
-    assert [g.text for g in got] == [ref.text] * 3
-    assert got[0].accepted_tokens > 0 and got[1].accepted_tokens == 0
-    assert core.batcher.stats["rows"] - before["rows"] > core.batcher.stats["passes"] - before["passes"]
+    assert got[0].text == ref.text and got[0].drafted_tokens == 0 and got[0].passes == ref.passes
+    alone = core.decode(MSGS, grammar=grammar, max_new_tokens=24)  # through the batcher, alone
+    assert alone.text == ref.text and alone.accepted_tokens > 0 and alone.passes < ref.passes
 
 
 def test_the_shipped_core_copies_an_argument_in_few_passes() -> None:
