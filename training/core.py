@@ -247,10 +247,13 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
         text_cfg.vocab_size = len(tokenizer)
         lm_state = load_file(str(base / "model.safetensors"))
         vpath = work_dir() / "vision.safetensors"
-        if not vpath.exists():
-            log("core: no pretrained vision tower yet; pretraining it first")
-            pretrain_vision()
-        vstate = load_file(str(vpath))
+        if resumed and (out / "vision.safetensors").exists():
+            vstate = None  # the resumed core's own tower and projector are loaded below
+        else:
+            if not vpath.exists():
+                log("core: no pretrained vision tower yet; pretraining it first")
+                pretrain_vision()
+            vstate = load_file(str(vpath))
     config = cm.llava_config(text_cfg, cm.vision_config(tiny), image_id)
     model = cm.assemble(config, lm_state, vstate)
     if not train_vision:
@@ -259,7 +262,10 @@ def build_trainable(*, tiny: bool, out: Path, resume: bool, lora_r: int = 16, lo
         torch.nn.init.zeros_(proj.linear_2.bias)
     if resumed and (out / "vision.safetensors").exists():
         vs = load_file(str(out / "vision.safetensors"))
-        model.model.load_state_dict({k: v for k, v in vs.items()}, strict=False)
+        missing = model.model.load_state_dict({k: v for k, v in vs.items()}, strict=False).missing_keys
+        lacking = [k for k in missing if k.startswith(("vision_tower.", "multi_modal_projector."))]
+        if lacking:
+            raise RuntimeError(f"core: {out / 'vision.safetensors'} lacks {lacking[:5]}")
     model = _add_lora(model, n_layers=text_cfg.num_hidden_layers, out=out, resumed=resumed, lora_r=lora_r,
                       lora_layers=lora_layers)
     inner = model.get_base_model().model
@@ -324,6 +330,8 @@ def save_parts(core: Any, out: Path, *, meta: dict[str, Any]) -> None:
     full = {"format": cm.CORE_FORMAT, "base": core.info.get("base", cm.BASE_NAME), "image_size": core.image_size,
             "image_mean": list(core.image_mean), "image_std": list(core.image_std),
             "experts": core.info.get("experts"), **meta}
+    if core.info.get("handles_share"):  # the share of training conversations written with short handles
+        full["handles_share"] = core.info["handles_share"]
     (out / "core.json").write_text(json.dumps(full, indent=1) + "\n")
 
 
@@ -404,6 +412,8 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
         + (f" or {minutes:.0f} min" if minutes else ""))
     gen = Generator(split="train", seed=seed + start_step, n_scenes=24 if tiny or steps * batch < 400 else 400)
     core.info["experts"] = {n: gen.registry.package_of(n) for n in gen.registry.names()}
+    if handles:  # the assembly record says the core reads short handles too
+        core.info["handles_share"] = handles
     images = _Images()
     budget = (minutes or 0) * 60
     t0 = time.time() - spent

@@ -325,6 +325,7 @@ def test_handles_share_of_the_training_conversations(tmp_path, monkeypatch, caps
                               "--handles", "1"]) == 0
     with_images = [t for t in seen if ids.search(t) or handle.search(t)]
     assert with_images and all(handle.search(t) and not ids.search(t) for t in with_images)
+    assert json.loads((tmp_path / "all" / "core.json").read_text())["handles_share"] == 1.0
     seen.clear()
     assert recipe.main_train(["--tiny", "--steps", "6", "--batch", "4", "--out", str(tmp_path / "half"),
                               "--handles", "0.5"]) == 0
