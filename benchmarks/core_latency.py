@@ -22,9 +22,10 @@ Printed: ``plan_p50_speedup`` (one-call requests), ``forward_pass_ratio`` (passe
 old / new), prompt tokens and the prefill's p50 with ids vs handles, routing metrics of both paths
 (``routing_delta``: the largest difference), ``jump_forward_identical`` (the share of plans unchanged
 by jump-forward and prompt lookup, against token-by-token decoding by the same loop, model, prompt and
-grammar, greedy), ``draft_accepted`` (the share of drafted tokens the model chose), and ``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on
-threads, their forward passes batched (``orchestrator.core.batching``), vs the same turns one at a
-time (both run their passes on the core's compute thread, as a server does;
+grammar, greedy), ``draft_accepted`` (the share of drafted tokens the model chose), and
+``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on threads, their
+forward passes batched (``orchestrator.core.batching``), vs the same turns one at a time (both run their
+passes on the core's compute thread, as a server does;
 ``batched_identical``: the share of those plans identical to the one-at-a-time ones;
 ``batched_passes`` against ``longest_turn_passes``: lockstep batching at its best runs as many passes
 as the longest of the turns needs alone).

@@ -168,10 +168,10 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                 kv, logits = out.cache, out.logits[0, -1] if not draft else out.logits[0]
             passes += 1
             cached += len(feed)
-            rows = logits[None] if not draft else logits
+            per_position = logits[None] if not draft else logits  # the last chosen token's, then each draft token's
             ended, accepted, fresh = False, 0, False  # fresh: the reply's last token is not in the cache yet
             for j in range(len(draft) + 1):
-                scores, tid = rows[j].float(), None
+                scores, tid = per_position[j].float(), None
                 if sampler is not None:
                     scores = sampler.adjust(scores, reply)
                     tid = sampler.pick(scores, lambda t, st=state: _allowed(grammar, st, t, texts, eos))
@@ -204,6 +204,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     return DecodeResult(text=text, finish_reason=finish, passes=passes, tokens=len(reply),
                         forced_tokens=forced_tokens, prompt_tokens=len(prompt), drafted_tokens=drafted_tokens,
                         accepted_tokens=accepted_tokens)
+
 
 #: tokens drafted at most per pass by prompt lookup (``_draft``)
 DRAFT_TOKENS = 10
