@@ -835,16 +835,12 @@ def _artifacts_of(msgs: list[dict]) -> dict[str, str]:
     return arts
 
 
-def _grammar_for(convs: list[tuple[list[dict], dict]], registry: Any, artifacts: dict[str, str] | None = None,
-                 **kw: Any) -> list[Any]:
-    """A grammar processor allowing the artifact ids these conversations mention (one per batch), or
-    ``artifacts`` (id or handle -> kind); ``kw`` go to the grammar (``route``, ``allow_calls``)."""
+def _grammar_for(registry: Any, artifacts: dict[str, str], **kw: Any) -> list[Any]:
+    """A grammar processor allowing ``artifacts`` (the names the core reads, ids or handles -> kind; one
+    per batch); ``kw`` go to the grammar (``route``, ``allow_calls``)."""
     from orchestrator.core.grammar import CommandGrammar, GrammarLogitsProcessor
 
-    arts: dict[str, str] = dict(artifacts or {})
-    for msgs, _ in convs if artifacts is None else ():
-        arts.update(_artifacts_of(msgs))
-    return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, arts, **kw), _GRAMMAR_TOKENIZER[0])]
+    return [GrammarLogitsProcessor(CommandGrammar.from_registry(registry, artifacts, **kw), _GRAMMAR_TOKENIZER[0])]
 
 
 _GRAMMAR_TOKENIZER: list[Any] = []
@@ -865,7 +861,10 @@ def _as_core_reads(messages: list[dict], images: dict[str, Any], handles: bool) 
 
 
 def _uses_handles(core: Any, handles: bool | None) -> bool:
-    """Whether the loop would show ``core`` short handles (``core.short_handles``), unless ``handles`` says."""
+    """Whether the loop would show ``core`` short handles (``core.short_handles``), unless ``handles`` says;
+    never for a remote core (its grammar and prompt name artifacts by id)."""
+    if getattr(core, "remote", False):
+        return False
     return bool(getattr(core, "short_handles", False)) if handles is None else handles
 
 
@@ -888,7 +887,7 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
     from orchestrator.core.loop import TOKENS_PER_CALL
     from training.core_data import Generator, data_registry
 
-    handles = _uses_handles(core, handles) and not getattr(core, "remote", False)
+    handles = _uses_handles(core, handles)
 
     registry = data_registry()
     _GRAMMAR_TOKENIZER[:] = [getattr(core, "tokenizer", None)]  # a remote core has none (and needs none)
@@ -918,11 +917,11 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
         if getattr(core, "remote", False):
             text = _remote_decode(core, m, registry, images=im, max_new_tokens=budget, **kw)
         elif jump_forward and hasattr(core, "decode"):
-            text = core.decode(m, im, grammar=_grammar_for([(m, im)], registry, arts, canonical=True, **kw)[0].grammar,
+            text = core.decode(m, im, grammar=_grammar_for(registry, arts, canonical=True, **kw)[0].grammar,
                                max_new_tokens=budget).text
         else:
             text = core.generate_batch([(m, im)], max_new_tokens=budget,
-                                       logits_processor=_grammar_for([(m, im)], registry, arts, **kw))[0]
+                                       logits_processor=_grammar_for(registry, arts, **kw))[0]
         out_text[i] = h.ids(text) if h is not None else text
     order = [i for i in order if i not in routes]
     for k in tqdm(range(0, len(order), batch), desc="eval core", unit="batch"):
@@ -930,12 +929,12 @@ def evaluate(core: Any, *, n: int = 200, seed: int = 0, batch: int = 8, human: b
         convs = [seen[i][:2] for i in idx]
         arts = {name: kind for i in idx for name, kind in seen[i][2].items()}
         remote = getattr(core, "remote", False)
-        procs = _grammar_for(convs, registry, arts) if grammar and not remote else None
+        procs = _grammar_for(registry, arts) if grammar and not remote else None
         if remote:  # one request per conversation, constrained (and repaired) as the loop's are
             texts = [_remote_decode(core, m, registry, images=im, max_new_tokens=max_new_tokens, constrain=grammar)
                      for m, im in convs]
         elif procs and jump_forward and hasattr(core, "decode"):
-            texts = [core.decode(m, im, grammar=_grammar_for([(m, im)], registry, seen[i][2], canonical=True)[0].grammar,
+            texts = [core.decode(m, im, grammar=_grammar_for(registry, seen[i][2], canonical=True)[0].grammar,
                                  max_new_tokens=max_new_tokens).text for i, (m, im) in zip(idx, convs, strict=True)]
         else:
             texts = core.generate_batch(convs, max_new_tokens=max_new_tokens, logits_processor=procs)
@@ -1043,7 +1042,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
             msg["images"] = [aid]
             images[aid] = resolve_image("scene" if it.image == "attached" else it.image)
         convs.append(([msg], images))
-    if _uses_handles(core, handles) and not getattr(core, "remote", False):
+    if _uses_handles(core, handles):
         convs = [_as_core_reads(m, im, True)[:2] for m, im in convs]
     routes: list[tuple[str, ...] | None] = [None] * len(items)
     if router is not None:
@@ -1077,7 +1076,7 @@ def evaluate_wild(core: Any, *, batch: int = 8, grammar: bool = False, max_new_t
                                     constrain=grammar or route is not None, **kw) for m, im in group]
         else:
             arts = {a: "image" for _, im in group for a in im}  # the attached images, by the names the core reads
-            procs = _grammar_for(group, registry, arts, **kw) if route is not None or grammar else None
+            procs = _grammar_for(registry, arts, **kw) if route is not None or grammar else None
             texts = core.generate_batch(group, max_new_tokens=budget, logits_processor=procs)
         for i, text in zip(idx, texts, strict=True):
             preds[i] = calls_to_sequence(parse(text).calls)
@@ -1251,7 +1250,7 @@ def _eval_one(core: Any, a: argparse.Namespace, router: Any) -> dict[str, Any]:
         res["decoding"] = ("grammar, jump-forward" if a.jump_forward else "grammar") if a.grammar else "unconstrained"
         if remote:
             res["decoding"] = "grammar" if a.grammar else "unconstrained"
-    res["handles"] = _uses_handles(core, a.handles) and not remote  # what the core read: img1 … or artifact ids
+    res["handles"] = _uses_handles(core, a.handles)  # what the core read: img1 … or artifact ids
     if remote:  # how the server was asked to constrain (routed replies always are), repaired once
         res.update(core=a.core, core_grammar=core.grammar_mode)
     return res
