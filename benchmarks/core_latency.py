@@ -12,15 +12,18 @@ both paths, side by side in one run, alternating which goes first:
   24-hex-digit artifact ids, one forward pass per reply token;
 - new: what the loop does now: short handles (``img1`` …, ``orchestrator.core.handles``; ``--ids``
   keeps the ids) and ``CoreModel.decode`` with jump-forward over the canonical grammar (call ids c1,
-  c2 …) and prompt lookup (an argument copied from the request is drafted and checked in one pass;
-  ``--no-draft`` turns it off), one pass per token the model chooses that no draft foresaw.
+  c2 …, and the expert list an answer names) and drafts checked in one pass: prompt lookup (an
+  argument copied from the request) and, in answers, the core's answer phrases (``models/core/
+  phrases.txt``, orchestrator.core.phrases); ``--no-draft`` turns both off, ``--no-phrases`` the
+  phrases only. One pass per token the model chooses that no draft foresaw.
 
 With ``--repeat R`` each request is timed R times per path (alternating) and the fastest kept (robust
 to other jobs on a shared machine; the load average is printed with the figures, and the CPU seconds
 the process spent, ``*_cpu_*``, which other jobs' load disturbs much less than wall time).
 Printed: ``plan_p50_speedup`` (one-call requests), ``forward_pass_ratio`` (passes per one-call plan,
 old / new), prompt tokens and the prefill's p50 with ids vs handles, routing metrics of both paths
-(``routing_delta``: the largest difference), ``jump_forward_identical`` (the share of plans unchanged
+(``routing_delta``: the largest difference), ``passes_per_answer`` and ``answer_p50_s`` (replies
+without a call: refusals, requests for an image, chat), ``jump_forward_identical`` (the share of plans unchanged
 by jump-forward and prompt lookup, against token-by-token decoding by the same loop, model, prompt and
 grammar, greedy), ``draft_accepted`` (the share of drafted tokens the model chose), and
 ``concurrent_throughput_ratio``: ``--concurrent`` turns (default 16) decoded at once on threads, their
@@ -75,7 +78,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeat", type=int, default=1, help="time each request this many times per path, "
                    "alternating, and keep the fastest (robust to other jobs on a shared machine)")
     p.add_argument("--ids", action="store_true", help="the new path reads and writes artifact ids, not handles")
-    p.add_argument("--no-draft", action="store_true", help="the new path drafts nothing (no prompt lookup)")
+    p.add_argument("--no-draft", action="store_true", help="the new path drafts nothing (no prompt lookup, "
+                   "no answer phrases)")
+    p.add_argument("--no-phrases", action="store_true", help="the new path drafts no answer from the core's "
+                   "phrases (prompt lookup stays)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--json", action="store_true")
@@ -95,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(a.threads)
     load_start = _load()
     core = CoreModel.load(device="cpu")
+    phrases = core.phrases is not None and not (a.no_phrases or a.no_draft)
+    if not phrases:
+        core.phrases = None
     registry = data_registry()
     gen = Generator(split="heldout", seed=10_000, n_scenes=min(400, max(16, a.n)))
     if a.quick:
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"new {row['new']['s']:.2f} s / {row['new']['passes']} passes", file=sys.stderr, flush=True)
 
     one = [r for r in rows if r["gold_calls"] == 1] or rows
+    answers = [r for r in rows if r["gold_calls"] == 0]
     p50 = {k: statistics.median(r[k]["s"] for r in one) for k in ("old", "new")}
     cpu50 = {k: statistics.median(r[k]["cpu"] for r in one) for k in ("old", "new")}
     passes = {k: statistics.mean(r[k]["passes"] for r in one) for k in ("old", "new")}
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average": {"start": load_start, "end": load_end},
         "requests": len(rows), "one_call_requests": len(one), "repeat": max(1, a.repeat),
         "new_path": "jump-forward, " + ("artifact ids" if a.ids else "short handles")
-                    + ("" if a.no_draft else ", prompt lookup"),
+                    + ("" if a.no_draft else ", prompt lookup") + (", answer phrases" if phrases else ""),
         "plan_p50_s": {k: round(v, 3) for k, v in p50.items()},
         "plan_p50_speedup": round(p50["old"] / p50["new"], 2),
         # CPU seconds of this process per plan: the work, less sensitive than wall time to other jobs' load
@@ -229,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    for k in ("ids", "handles")},
         "prefill_p50_s": {k: round(statistics.median(r["prefill_" + k] for r in one), 4) for k in ("ids", "handles")},
         "prefill_share_of_old_p50": round(statistics.median(r["prefill_ids"] for r in one) / p50["old"], 3),
+        "answers": len(answers),
+        "passes_per_answer": {k: round(statistics.mean(r[k]["passes"] for r in answers), 1) if answers else None
+                              for k in ("old", "new")},
+        "answer_p50_s": {k: round(statistics.median(r[k]["s"] for r in answers), 3) if answers else None
+                         for k in ("old", "new")},
         "routing": {k: {m: v for m, v in metrics[k].items() if not isinstance(v, list)} for k in metrics},
         "routing_delta": round(max(deltas), 4) if deltas else 0.0,
         "jump_forward_identical": round(sum(r["new"]["text"] == r["token_by_token"] for r in rows) / len(rows), 4),

@@ -377,6 +377,7 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
     import torch
     from tqdm import tqdm
 
+    from orchestrator.core.phrases import PHRASES_FILE, write_phrases
     from training.core_data import Generator, with_handles
 
     if not 0.0 <= handles <= 1.0:
@@ -412,6 +413,8 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
         + (f" or {minutes:.0f} min" if minutes else ""))
     gen = Generator(split="train", seed=seed + start_step, n_scenes=24 if tiny or steps * batch < 400 else 400)
     core.info["experts"] = {n: gen.registry.package_of(n) for n in gen.registry.names()}
+    if not (out / PHRASES_FILE).exists():
+        write_phrases(out, answer_phrases(PHRASES_SAMPLES // 10 if tiny else PHRASES_SAMPLES, registry=gen.registry))
     if handles:  # the assembly record says the core reads short handles too
         core.info["handles_share"] = handles
     images = _Images()
@@ -466,6 +469,20 @@ def train(*, out: Path, steps: int, batch: int, minutes: float | None, resume: b
         _checkpoint(core, opt, out, state_path, step + 1, history, time.time() - t0, steps, batch, lr, seed)
     return {"steps": history[-1]["step"] if history else start_step,
             "loss": history[-1]["loss"] if history else None, "out": str(out)}
+
+
+#: training conversations whose plain-text answers make a core's phrases.txt (orchestrator.core.phrases)
+PHRASES_SAMPLES = 2000
+PHRASES_SEED = 1
+
+
+def answer_phrases(n: int = PHRASES_SAMPLES, *, seed: int = PHRASES_SEED, registry: Any = None) -> list[str]:
+    """The plain-text answers (no call) of ``n`` training conversations (the training split only), as
+    drawn, repeats kept: what the core was trained to write, for its answer drafts."""
+    from training.core_data import Generator
+
+    gen = Generator(split="train", seed=seed, n_scenes=400, **({"registry": registry} if registry else {}))
+    return [s.answer for s in gen.generate(n) if s.answer and "<call" not in s.answer]
 
 
 def answer_loss(model: Any, b: dict[str, Any]) -> tuple[Any, int]:
@@ -633,9 +650,21 @@ def main_train(argv: list[str]) -> int:
                    "(core directories or adapter .safetensors files, e.g. OUT/snapshots/*; the first "
                    "directory gives the other parts; the projectors are averaged too when every source "
                    "has one)")
+    p.add_argument("--phrases-only", action="store_true", help="train nothing: write --out's phrases.txt "
+                   "(the answers of training conversations, which the core's answers are drafted from) for a "
+                   "core trained before it had one")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if a.phrases_only:
+        out = a.out or default_out()
+        if not (out / "core.json").exists():
+            p.error(f"--phrases-only: no core in {out}")
+        from orchestrator.core.phrases import write_phrases
+
+        texts = answer_phrases()
+        print(json.dumps({"out": str(write_phrases(out, texts)), "answers": len(texts)}))
+        return 0
     if a.average:
         if a.out is None:
             p.error("--average needs --out")

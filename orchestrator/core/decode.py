@@ -63,16 +63,19 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     ``orchestrator.core.sampling.Sampling``): the tokens the model chooses are drawn with its
     temperature, nucleus, seed and penalties instead of greedily.
 
-    Prompt lookup (greedy only): where the reply's last words occur earlier in the prompt or the reply
-    (an argument copied from the request: ``prompt="a red star on a blue background"``), the tokens that
-    followed them there, as far as the grammar admits them (at most ``draft_tokens``, default
-    ``DRAFT_TOKENS``; ``jump_forward=False``: none), are fed in the same pass as the last chosen token;
+    Drafts (greedy only): inside a tag, where the reply's last words occur earlier in the prompt or the
+    reply (an argument copied from the request: ``prompt="a red star on a blue background"``), the tokens
+    that followed them there (prompt lookup); in an answer, what the core's own answer sentences continue
+    with (``core.phrases``, :mod:`orchestrator.core.phrases`: "Sorry, I can't help with …: I have no
+    expert for it."). As far as the grammar admits them (at most ``draft_tokens``, default
+    ``DRAFT_TOKENS``; ``jump_forward=False``: none) they are fed in the same pass as the last chosen token;
     the model's choice at each of their positions is read from that one pass, the draft is taken as far
     as it agrees, and the rest leaves the cache. The reply is the one greedy decoding gives; a draft that
     is right saves a pass per token. Drafts are made only while no other turn decodes beside this one:
     batched turns run in lockstep, as many passes as the longest of them needs, so a draft shortens a
     turn that seldom sets that count while its rows make every shared pass dearer (16 held-out turns
-    batched: 4.7 s with drafts, 4.2 s without; benchmarks/README.md).
+    batched: 4.7 s with drafts, 4.2 s without; with the answer phrases, drafting at most 32 tokens per
+    batched pass among the turns cut the passes from 24 to 17 but not the time; benchmarks/README.md).
     """
     import torch
 
@@ -114,6 +117,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
             sent = text
 
     batcher = getattr(core, "batcher", None) if batched else None
+    phrases = getattr(core, "phrases", None)  # drafts for answers (orchestrator.core.phrases)
     with torch.inference_mode(), (batcher.session() if batcher is not None else nullcontext()):
         while True:
             jump = grammar.forced(state) if jump_forward else ""
@@ -149,11 +153,11 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
                 kv.crop(-1)
                 cached -= 1
                 feed = (prompt + reply)[cached:]
-            # prompt lookup: what followed the reply's last words where they occur earlier, checked in this
-            # pass; only while this turn decodes alone (see the docstring)
+            # drafts (prompt lookup, the core's answer phrases), checked in this pass; only while this turn
+            # decodes alone (see the docstring)
             alone = batcher is None or batcher.decoding <= 1
             draft = _draft(grammar, state, prompt + reply, len(reply), texts, eos,
-                           min(draft_tokens, max_new_tokens - len(reply) - 1)) \
+                           min(draft_tokens, max_new_tokens - len(reply) - 1), phrases) \
                 if draft_tokens and sampler is None and alone else []
             feed = feed + draft
             step_pixels = pixels if passes == 0 else None
@@ -215,20 +219,23 @@ _KEYS: dict[int, list[str]] = {}  # per token_texts list: each token's text as p
 
 
 def _draft(grammar: Any, state: Any, sequence: list[int], reply: int, texts: list[str], eos: set[int],
-           limit: int) -> list[int]:
-    """Prompt lookup (Saxena's prompt-lookup decoding, as transformers' ``prompt_lookup_num_tokens``):
-    the tokens that followed the latest earlier occurrence of the last ``DRAFT_NGRAM`` (then fewer)
-    tokens of ``sequence`` (prompt + reply; ``reply``: how many of its tokens are the reply's), compared
-    by text without case or surrounding spaces (the request's " Blue" drafts after the reply's "blue"),
-    cut where the grammar stops admitting them; [] when there is nothing to look up. Only inside a
-    call's tag (an argument's value): in plain text (an answer) drafts were almost never right (none of
-    the 54 tokens drafted in the answers of the benchmark's 33 held-out replies) and their rows made
-    batched passes dearer.
+           limit: int, phrases: Any = None) -> list[int]:
+    """Inside a call's tag (an argument's value), prompt lookup (Saxena's prompt-lookup decoding, as
+    transformers' ``prompt_lookup_num_tokens``): the tokens that followed the latest earlier occurrence
+    of the last ``DRAFT_NGRAM`` (then fewer) tokens of ``sequence`` (prompt + reply; ``reply``: how many
+    of its tokens are the reply's), compared by text without case or surrounding spaces (the request's
+    " Blue" drafts after the reply's "blue"). In plain text (an answer) the request's words were almost
+    never right (none of the 54 tokens drafted so in the answers of the benchmark's 33 held-out replies):
+    there ``phrases`` (a :class:`~orchestrator.core.phrases.PhraseDrafter`, the core's own answer
+    sentences) drafts, when the core has them. Cut where the grammar stops admitting them; [] when
+    there is nothing to draft.
     """
     from orchestrator.core.grammar import TEXT
 
-    if limit <= 0 or reply == 0 or state.mode == TEXT:
+    if limit <= 0 or reply == 0:
         return []
+    if state.mode == TEXT:
+        return _admitted(grammar, state, phrases.draft(sequence[-reply:], limit), texts, eos) if phrases else []
     keys = _KEYS.get(id(texts))
     if keys is None:
         keys = _KEYS[id(texts)] = [t.strip().lower() for t in texts]
@@ -297,12 +304,9 @@ def _best_token(grammar: Any, state: Any, scores: Any, texts: list[str], eos: se
 
 def _allowed(grammar: Any, state: Any, tid: int, texts: list[str], eos: set[int]) -> bool:
     """Whether token ``tid`` keeps the reply viable."""
-    from orchestrator.core.grammar import TEXT
-
     if tid in eos:
         return grammar.can_end(state)
-    return (state.mode == TEXT and grammar.route is None and "<" not in texts[tid]) or \
-        grammar.feed(state.copy(), texts[tid])
+    return grammar.free_text(state, texts[tid]) or grammar.feed(state.copy(), texts[tid])
 
 
 _EXTENSIONS: dict[int, dict[str, set[str]]] = {}  # per tokenizer: see _extensions

@@ -40,6 +40,10 @@ LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 NUMBER_CHARS = set("-+0123456789.eE")
 JSON_LIST_CHARS = set("[]0123456789,-. ")
 TEXT_FORBIDDEN = set('"<>')
+#: Where the core's answer lists the experts it can use (its refusals and greetings: "I can use: crop,
+#: detect, …."), the rest of the sentence is the registry's names, forced (``CommandGrammar.lists_experts``)
+LISTING_CUES = ("I can use:", "I can use these experts:")
+_CUE_CHARS = max(len(c) for c in LISTING_CUES)
 NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 
@@ -199,6 +203,7 @@ class State:
     used: tuple[str, ...] = ()
     arg: str | None = None
     calls: int = 0
+    tail: str = ""  # the last characters of free text (mode TEXT), for LISTING_CUES
 
     def copy(self) -> State:
         s = State.__new__(State)
@@ -228,6 +233,11 @@ class CommandGrammar:
     #: (expert, argument) pairs whose artifact value may only be a ``$`` reference to an earlier call of
     #: this reply, not an artifact of the conversation (``evidence.earlier_boxes_withheld``)
     refs_only: frozenset[tuple[str, str]] = frozenset()
+    #: Free text that names the experts the core can use (after a cue of :data:`LISTING_CUES`) names
+    #: exactly the registered ones: `` crop, detect, ….`` in the registry's order, as the core was trained
+    #: to write them, is forced there. The list is the registry's now, with a plugin installed after the
+    #: core was trained, and jump-forward writes it without forward passes.
+    lists_experts: bool = True
 
     @classmethod
     def from_registry(cls, registry: Any, artifacts: dict[str, str] | None = None, **kw: Any) -> CommandGrammar:
@@ -305,8 +315,12 @@ class CommandGrammar:
                     if not self.allow_calls or state.calls >= self.max_calls:
                         return False
                     self._open_call(state)
-                elif ch == ">":
                     continue
+                if not self.lists_experts:
+                    continue
+                state.tail = (state.tail + ch)[-_CUE_CHARS:]
+                if ch == ":" and state.tail.endswith(LISTING_CUES):
+                    state.mode, state.lit, state.then, state.tail = LIT, f" {', '.join(self.experts)}.", TEXT, ""
             elif m == LIT:
                 if ch != state.lit[0]:
                     return False
@@ -440,6 +454,12 @@ class CommandGrammar:
             self.feed(s, ok[0])
             out.append(ok[0])
         return "".join(out)
+
+    def free_text(self, state: State, text: str) -> bool:
+        """Whether ``text`` is free text here that keeps the reply viable, decided without feeding it (the
+        common case of an answer: no tag can open, no listing cue can end in it); False: feed it to know."""
+        return state.mode == TEXT and self.route is None and "<" not in text and not (
+            self.lists_experts and ":" in text)
 
     def viable(self, text: str) -> bool:
         return self.feed(self.start(), text)
@@ -654,10 +674,7 @@ class GrammarLogitsProcessor:
                     ok = self.grammar.can_end(state)
                 else:
                     text = self.token_text[tid]
-                    if state.mode == TEXT and self.grammar.route is None and "<" not in text:
-                        ok = True
-                    else:
-                        ok = self.grammar.feed(state.copy(), text)
+                    ok = self.grammar.free_text(state, text) or self.grammar.feed(state.copy(), text)
                 if ok:
                     allowed.append(tid)
                     if len(allowed) >= self.keep:

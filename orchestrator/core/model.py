@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.core.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S, StepBatcher
 from orchestrator.core.format import IM_END, IMAGE_TOKEN, images_in, render
+from orchestrator.core.phrases import PhraseDrafter
 
 if TYPE_CHECKING:
     import torch
@@ -278,6 +279,8 @@ class CoreModel:
         self.control_tokens = control_tokens(tokenizer)
         #: concurrent ``decode`` calls share forward passes through it (None: each runs its own)
         self.batcher: StepBatcher | None = None
+        #: drafts for plain-text answers from the core folder's ``phrases.txt`` (orchestrator.core.phrases)
+        self.phrases: PhraseDrafter | None = None
 
     def enable_batching(self, window_s: float = DEFAULT_WINDOW_S, max_batch: int = DEFAULT_MAX_BATCH) -> CoreModel:
         """Let concurrent :meth:`decode` calls (turns on several threads) run their forward passes as one
@@ -325,6 +328,7 @@ class CoreModel:
                 from orchestrator.core.packed import pack_linears
 
                 core.info["packed_linears"] = pack_linears(core.model)
+            core.phrases = PhraseDrafter.load(path, core.tokenizer, core.end_id)
             return core
 
         # built on the compute thread that will run its passes: the loading thread starts no OpenMP team

@@ -28,8 +28,11 @@ def test_tiny_train_resume_load_and_eval(tmp_path, capsys):
     out = tmp_path / "core"
     assert recipe.main_train(["--tiny", "--steps", "2", "--out", str(out), "--save-every", "1"]) == 0
     for name in ("config.json", "core.json", "vision.safetensors", "adapter/adapter_config.json",
-                 "tokenizer/tokenizer.json", "lm.safetensors", "train_log.jsonl"):
+                 "tokenizer/tokenizer.json", "lm.safetensors", "train_log.jsonl", "phrases.txt"):
         assert (out / name).exists(), name
+    # the answers of training conversations, which the loaded core drafts its answers from
+    phrases = (out / "phrases.txt").read_text().splitlines()
+    assert len(phrases) >= 50 and not any("<call" in line for line in phrases)
     assert recipe.main_train(["--tiny", "--steps", "3", "--out", str(out), "--resume"]) == 0
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in log] == [1, 2, 3]
@@ -39,6 +42,14 @@ def test_tiny_train_resume_load_and_eval(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("expert_accuracy", "exact_call_accuracy", "argument_f1", "none_accuracy", "fusion_faithfulness", "n"):
         assert key in res
+    from orchestrator.core.model import CoreModel
+
+    assert CoreModel.load(out, device="cpu").phrases.sentences == len(phrases)
+    # a core trained before the recipe wrote them gets them from --phrases-only (no training)
+    (out / "phrases.txt").unlink()
+    assert recipe.main_train(["--phrases-only", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answers"] > len(phrases)
+    assert (out / "phrases.txt").exists() and json.loads((out / "core.json").read_text())["trained_steps"] == 3
 
 
 @pytest.mark.skipif(not _has_tokenizer(), reason="models/core/tokenizer missing")
