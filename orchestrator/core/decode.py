@@ -118,6 +118,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
 
     batcher = getattr(core, "batcher", None) if batched else None
     phrases = getattr(core, "phrases", None)  # drafts for answers (orchestrator.core.phrases)
+    results = any(m.get("role") == "tool" for m in messages)  # an answer after calls copies their results
     with torch.inference_mode(), (batcher.session() if batcher is not None else nullcontext()):
         while True:
             jump = grammar.forced(state) if jump_forward else ""
@@ -157,7 +158,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
             # decodes alone (see the docstring)
             alone = batcher is None or batcher.decoding <= 1
             draft = _draft(grammar, state, prompt + reply, len(reply), texts, eos,
-                           min(draft_tokens, max_new_tokens - len(reply) - 1), phrases) \
+                           min(draft_tokens, max_new_tokens - len(reply) - 1), phrases, results) \
                 if draft_tokens and sampler is None and alone else []
             feed = feed + draft
             step_pixels = pixels if passes == 0 else None
@@ -219,23 +220,27 @@ _KEYS: dict[int, list[str]] = {}  # per token_texts list: each token's text as p
 
 
 def _draft(grammar: Any, state: Any, sequence: list[int], reply: int, texts: list[str], eos: set[int],
-           limit: int, phrases: Any = None) -> list[int]:
+           limit: int, phrases: Any = None, results: bool = False) -> list[int]:
     """Inside a call's tag (an argument's value), prompt lookup (Saxena's prompt-lookup decoding, as
     transformers' ``prompt_lookup_num_tokens``): the tokens that followed the latest earlier occurrence
     of the last ``DRAFT_NGRAM`` (then fewer) tokens of ``sequence`` (prompt + reply; ``reply``: how many
     of its tokens are the reply's), compared by text without case or surrounding spaces (the request's
-    " Blue" drafts after the reply's "blue"). In plain text (an answer) the request's words were almost
-    never right (none of the 54 tokens drafted so in the answers of the benchmark's 33 held-out replies):
-    there ``phrases`` (a :class:`~orchestrator.core.phrases.PhraseDrafter`, the core's own answer
-    sentences) drafts, when the core has them. Cut where the grammar stops admitting them; [] when
-    there is nothing to draft.
+    " Blue" drafts after the reply's "blue"). In plain text (an answer) ``phrases`` (a
+    :class:`~orchestrator.core.phrases.PhraseDrafter`, the core's own answer sentences) drafts, when the
+    core has them; where they have nothing, prompt lookup only in an answer after calls (``results``: the
+    prompt holds tool turns, whose results the answer reports: "I found 1 purple square:
+    (539,486,771,723)."). Before any call the request's words were almost never right in an answer (none
+    of the 54 tokens drafted so in the answers of the benchmark's 33 held-out replies). Cut where the
+    grammar stops admitting them; [] when there is nothing to draft.
     """
     from orchestrator.core.grammar import TEXT
 
     if limit <= 0 or reply == 0:
         return []
     if state.mode == TEXT:
-        return _admitted(grammar, state, phrases.draft(sequence[-reply:], limit), texts, eos) if phrases else []
+        draft = _admitted(grammar, state, phrases.draft(sequence[-reply:], limit), texts, eos) if phrases else []
+        if draft or not results:
+            return draft
     keys = _KEYS.get(id(texts))
     if keys is None:
         keys = _KEYS[id(texts)] = [t.strip().lower() for t in texts]

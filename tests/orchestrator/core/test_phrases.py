@@ -141,3 +141,21 @@ def test_a_plugin_installed_after_training_is_listed(shipped) -> None:
     msgs = [{"role": "user", "content": "please translate this sentence into german"}]
     out = shipped.decode(msgs, grammar=g, max_new_tokens=80)
     assert "I can use: caption, crop, detect, edit, generate, ocr, segment." in out.text
+
+
+def test_an_answer_after_calls_copies_their_results_in_few_passes(shipped) -> None:
+    """After a tool turn an answer reports its results ("(539,486,771,723)"): prompt lookup drafts them
+    from the tool turn where the phrases know nothing; the answer is the token-by-token one."""
+    from training.shapes import make_scene
+
+    g = CommandGrammar.from_registry(_registry(), {"img1": "image", "boxes1": "boxes", "overlay1": "image"},
+                                     canonical=True, allow_calls=False)
+    msgs = [{"role": "user", "content": "where is the purple square?", "images": ["img1"]},
+            {"role": "assistant", "content": '<call id="c1" expert="detect" image="img1" query="purple square"/>'},
+            {"role": "tool", "content": "c1 detect done: 1 purple square: (539,486,771,723) [x1,y1,x2,y2 on a "
+                                        "0-1000 scale] -> boxes1, overlay1"}]
+    images = {"img1": make_scene(5003).image}
+    slow = shipped.decode(msgs, images, grammar=g, max_new_tokens=60, jump_forward=False)
+    fast = shipped.decode(msgs, images, grammar=g, max_new_tokens=60)
+    assert fast.text == slow.text and "(539,486,771,723)" in fast.text
+    assert fast.passes * 2 <= slow.passes

@@ -87,7 +87,7 @@ def _oracle(truth: list[int], prompt: int, wrong: int | None = None):
     """A stand-in for ``_draft`` that drafts the reference reply's next tokens (or, with ``wrong``, that
     token id instead)."""
 
-    def draft(grammar, state, sequence, reply, texts, eos, limit, phrases=None):
+    def draft(grammar, state, sequence, reply, texts, eos, limit, phrases=None, results=False):
         nxt = truth[reply:reply + max(limit, 0)]
         return [wrong] * len(nxt) if wrong is not None else nxt
 
