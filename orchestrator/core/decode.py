@@ -158,7 +158,7 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
             # decodes alone (see the docstring)
             alone = batcher is None or batcher.decoding <= 1
             draft = _draft(grammar, state, prompt + reply, len(reply), texts, eos,
-                           min(draft_tokens, max_new_tokens - len(reply) - 1), phrases, results) \
+                           min(draft_tokens, max_new_tokens - len(reply) - 1), phrases=phrases, results=results) \
                 if draft_tokens and sampler is None and alone else []
             feed = feed + draft
             step_pixels = pixels if passes == 0 else None
