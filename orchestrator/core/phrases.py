@@ -5,13 +5,13 @@ search: I have no expert for it."), a request for an image, a greeting, a tool r
 of the red circle; it covers 12% of the image."). Prompt lookup (``orchestrator.core.decode._draft``)
 finds an argument's words in the request, but an answer's sentence is seldom in the prompt. A core folder
 may ship ``phrases.txt``: answers of its training data, one per line (the recipe writes them, from the
-training split only; ``switchboard train phrases`` writes them for a core trained before). From them
-:class:`PhraseDrafter` keeps, for each run of one to three tokens, the token that most often followed it
-there; a draft follows the reply's last tokens through that table, token by token, while one next token
-leads (more than :data:`MIN_SHARE` of the times its context occurred), and stops where answers end. As for prompt lookup the model
-checks every drafted token in one pass and the reply is the one greedy decoding gives: a right draft
-saves passes, a wrong one costs its tokens in a pass. REST (He et al., 2023, "Retrieval-based speculative
-decoding") drafts from a datastore the same way.
+training split only; ``switchboard train core --phrases-only`` writes them for a core trained before).
+From them :class:`PhraseDrafter` keeps, for each run of one to three tokens, the token that most often
+followed it there; a draft follows the reply's last tokens through that table, token by token, while one
+next token leads (more than :data:`MIN_SHARE` of the times its context occurred), and stops where answers
+end. As for prompt lookup the model checks every drafted token in one pass and the reply is the one
+greedy decoding gives: a right draft saves passes, a wrong one costs its tokens in a pass. REST (He et
+al., 2023, "Retrieval-based speculative decoding") drafts from a datastore the same way.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PhraseDrafter:
             for i in range(1, len(seq)):
                 for k in range(1, min(CONTEXT, i) + 1):
                     counts[tuple(seq[i - k:i])][seq[i]] += 1
-        #: context -> the token that most often followed it, where it leads clearly
+        #: context -> the token that most often followed it, where it leads (None: no token does)
         self.next: dict[tuple[int, ...], int | None] = {}
         for ctx, c in counts.items():
             tid, n = c.most_common(1)[0]
