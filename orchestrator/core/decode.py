@@ -67,7 +67,8 @@ def decode(core: Any, messages: list[dict], images: dict[str, Image.Image] | Non
     reply (an argument copied from the request: ``prompt="a red star on a blue background"``), the tokens
     that followed them there (prompt lookup); in an answer, what the core's own answer sentences continue
     with (``core.phrases``, :mod:`orchestrator.core.phrases`: "Sorry, I can't help with …: I have no
-    expert for it."). As far as the grammar admits them (at most ``draft_tokens``, default
+    expert for it."), or after calls, where those know nothing, what followed the answer's last words in
+    the tool turn (the results it reports). As far as the grammar admits them (at most ``draft_tokens``, default
     ``DRAFT_TOKENS``; ``jump_forward=False``: none) they are fed in the same pass as the last chosen token;
     the model's choice at each of their positions is read from that one pass, the draft is taken as far
     as it agrees, and the rest leaves the cache. The reply is the one greedy decoding gives; a draft that
