@@ -481,7 +481,7 @@ def answer_phrases(n: int = PHRASES_SAMPLES, *, seed: int = PHRASES_SEED, regist
     drawn, repeats kept: what the core was trained to write, for its answer drafts."""
     from training.core_data import Generator
 
-    gen = Generator(split="train", seed=seed, n_scenes=400, **({"registry": registry} if registry else {}))
+    gen = Generator(registry, split="train", seed=seed, n_scenes=400)
     return [s.answer for s in gen.generate(n) if s.answer and "<call" not in s.answer]
 
 
